@@ -1,0 +1,67 @@
+"""The model catalogue shared by teacher and student: ``build_model(cfg, spec)``.
+
+A model is a registered builder ``fn(num_classes, in_channels, image_size, **options)``; the YAML in
+``conf/model/`` names it and sets its options. A config with ``_target_`` builds any importable class
+instead, and ``name`` may be any torchvision classification model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.nn as nn
+from hydra.utils import get_class, instantiate
+
+from kdrun.data import DataSpec
+from kdrun.errors import KdrunError
+from kdrun.registry import Registry, to_dict
+
+MODELS = Registry("model")
+
+# Keys of a teacher/student node that describe where weights come from, not the architecture.
+ROLE_KEYS = ("checkpoint",)
+
+
+def architecture_cfg(cfg: Any) -> dict[str, Any]:
+    """The part of a teacher/student config that determines the architecture (what a checkpoint records)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ROLE_KEYS}
+
+
+def model_name(cfg: Any) -> str:
+    arch = architecture_cfg(cfg)
+    return str(arch.get("_target_") or arch.get("name"))
+
+
+def build_model(cfg: Any, spec: DataSpec, key: str = "model") -> nn.Module:
+    """Build the model that ``cfg`` (a teacher/student node) describes, sized for ``spec``."""
+    arch = architecture_cfg(cfg)
+    sizes = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": spec.image_size}
+    if "_target_" in arch:
+        arch.pop("name", None)
+        try:
+            params = inspect.signature(get_class(arch["_target_"])).parameters
+        except Exception as e:  # import errors, a path that is no class
+            raise KdrunError(f"{key}._target_={arch['_target_']!r} cannot be imported: {e}") from e
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        extra = {k: v for k, v in sizes.items() if k not in arch and (takes_all or k in params)}
+        return instantiate(arch, **extra)
+    name = arch.pop("name", None)
+    if name in MODELS:
+        return MODELS.get(name)(**sizes, **arch)
+    from kdrun.models.torchvision_models import build_torchvision, torchvision_names
+
+    if name in torchvision_names():
+        return build_torchvision(name, **sizes, **arch)
+    raise KdrunError(
+        f"{key}.name={name!r} is not a known model; choose one of: {', '.join(MODELS.names())}, "
+        "or any torchvision classification model name"
+    )
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Importing the families registers them.
+from kdrun.models import cifar_resnet, small, torchvision_models, wrn  # noqa: E402, F401

@@ -1,0 +1,67 @@
+"""CIFAR-style ResNets of the KD literature (He et al. 2016; widths as in RepDistiller/mdistiller)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from kdrun.models import MODELS
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """3x3 stem, three stages of ``(depth - 2) / 6`` basic blocks (strides 1, 2, 2), global pool, linear."""
+
+    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int, in_channels: int):
+        super().__init__()
+        assert (depth - 2) % 6 == 0, depth
+        blocks = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, in_planes = [], widths[0]
+        for i, planes in enumerate(widths[1:]):
+            layers = []
+            for j in range(blocks):
+                layers.append(BasicBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _register(name: str, depth: int, widths: tuple[int, int, int, int]) -> None:
+    @MODELS.register(name)
+    def build(num_classes: int, in_channels: int, image_size: int) -> CifarResNet:
+        return CifarResNet(depth, widths, num_classes, in_channels)
+
+
+for _depth in (8, 20, 32, 56, 110):
+    _register(f"resnet{_depth}", _depth, (16, 16, 32, 64))
+for _depth in (8, 32):
+    _register(f"resnet{_depth}x4", _depth, (32, 64, 128, 256))

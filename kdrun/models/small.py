@@ -1,0 +1,110 @@
+"""Small students: a tutorial-style CNN, LeNet-5 and an MLP."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from kdrun.errors import KdrunError
+from kdrun.models import MODELS
+
+
+def _pooled_size(image_size: int, n_pools: int, model: str) -> int:
+    size = image_size // 2**n_pools
+    if size < 1:
+        raise KdrunError(f"{model} halves the image {n_pools} times: {image_size} px is too small")
+    return size
+
+
+@MODELS.register("small_cnn")
+class SmallCNN(nn.Module):
+    """3x3 conv + BatchNorm + ReLU + 2x2 max-pool blocks, then a fully connected head with one hidden layer.
+
+    BatchNorm keeps distillation stable at SGD learning rates where the T^2-scaled KD gradient would
+    otherwise blow up a plain conv stack.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        channels: tuple[int, ...] = (16, 32),
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for width in channels:
+            layers += [
+                nn.Conv2d(c, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c = width
+        size = _pooled_size(image_size, len(channels), "small_cnn")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * size * size, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("lenet5")
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU, max-pooling and padded 5x5 convolutions (so that 8 px inputs fit)."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        size = _pooled_size(image_size, 2, "lenet5")
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * size * size, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("mlp")
+class MLP(nn.Module):
+    """Fully connected layers on the flattened image."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        hidden: tuple[int, ...] = (256, 128),
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)

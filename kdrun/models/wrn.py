@@ -1,0 +1,65 @@
+"""Wide ResNets (Zagoruyko & Komodakis 2016), pre-activation, CIFAR-style."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from kdrun.models import MODELS
+
+
+class WideBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.relu = nn.ReLU(inplace=False)
+        self.dropout = nn.Dropout(dropout)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        pre = self.relu(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int, dropout: float = 0.0):
+        super().__init__()
+        assert (depth - 4) % 6 == 0, depth
+        blocks = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        stages, in_planes = [], widths[0]
+        for i, planes in enumerate(widths[1:]):
+            layers = []
+            for j in range(blocks):
+                layers.append(WideBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
+                in_planes = planes
+            stages.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3 = stages
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(self.avgpool(self.relu(self.bn(x))).flatten(1))
+
+
+def _register(name: str, depth: int, widen: int) -> None:
+    @MODELS.register(name)
+    def build(num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0) -> WideResNet:
+        return WideResNet(depth, widen, num_classes, in_channels, dropout)
+
+
+_register("wrn_16_2", 16, 2)
+_register("wrn_40_2", 40, 2)
