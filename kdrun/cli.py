@@ -1,0 +1,59 @@
+"""The ``kdrun`` command: compose the Hydra config, validate it, run the pipeline, map errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from kdrun.errors import KdrunError
+
+
+@hydra.main(config_path="pkg://kdrun.conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from kdrun.config import validate
+    from kdrun.pipeline import run
+
+    try:
+        validate(cfg)
+        return run(cfg)
+    except KdrunError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records the failed job
+        _fail(e)
+
+
+def _fail(e: BaseException) -> None:
+    print(f"kdrun: error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 2))
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return f"{group}={option!r} is not a known option; choose one of: {', '.join(sorted(e.options))}"
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def main() -> None:
+    """Console entry point. Errors in the user's input become one line on stderr and exit code 2."""
+    full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them itself
+    try:
+        hydra_main()
+    except (KdrunError, HydraException, OmegaConfBaseException) as e:
+        if full_traceback:
+            raise
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Checks every user-facing value before any work starts; each problem is one line naming the key."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from kdrun.data import DATASETS
+from kdrun.engine import AMP_CHOICES
+from kdrun.errors import KdrunError
+from kdrun.losses import LOSSES
+from kdrun.models import MODELS
+from kdrun.models.torchvision_models import torchvision_names
+from kdrun.optim import OPTIMIZERS, SCHEDULES
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _fail(key: str, value: Any, rule: str) -> KdrunError:
+    return KdrunError(f"{key}={value!r} is invalid: {rule}")
+
+
+def _number(key: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(key, value, "must be a number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise _fail(
+            key,
+            value,
+            f"must be {'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else ""),
+        )
+    if high is not None and value > high:
+        raise _fail(key, value, f"must be >= {low:g} and <= {high:g}" if low is not None else f"must be <= {high:g}")
+    return float(value)
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(key, value, "must be an integer > 0")
+    return value
+
+
+def _choice(key: str, value: Any, choices) -> Any:
+    if value not in choices:
+        raise KdrunError(f"{key}={value!r} is invalid; choose one of: {', '.join(map(str, choices))}")
+    return value
+
+
+def _named(key: str, node: Any, registry_names: list[str], extra: str = "") -> None:
+    if not isinstance(node, DictConfig):
+        raise KdrunError(f"{key} must be a config group option, got {node!r}")
+    if "_target_" in node:
+        return
+    name = node.get("name")
+    if name not in registry_names:
+        raise KdrunError(f"{key}.name={name!r} is not known; choose one of: {', '.join(registry_names)}{extra}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ``KdrunError`` for the first invalid value, before any data is read or model trained."""
+    try:
+        _validate(cfg)
+    except MissingMandatoryValue as e:
+        raise KdrunError(f"{e.full_key} is required but not set; add {e.full_key}=<value> to the command") from e
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise KdrunError(f"{key}: {str(e).strip().splitlines()[0]}") from e
+
+
+def _validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise KdrunError(f"{missing[0]} is required but not set; add {missing[0]}=<value> to the command")
+    _number("T", cfg.T, 0, low_open=True)
+    _number("alpha", cfg.alpha, 0, 1)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise _fail("seed", cfg.seed, "must be an integer >= 0")
+    if not DEVICE_PATTERN.match(str(cfg.device)):
+        raise KdrunError(f"device={cfg.device!r} is invalid; choose one of: auto, cpu, cuda, cuda:N, mps")
+    _choice("amp", cfg.amp, AMP_CHOICES)
+    _choice("baseline", cfg.baseline, (True, False))
+    for stage in ("teacher", "student"):
+        node = cfg.train[stage]
+        _positive_int(f"train.{stage}.epochs", node.epochs)
+        _positive_int(f"train.{stage}.batch_size", node.batch_size)
+        _number(f"train.{stage}.lr", node.lr, 0, low_open=True)
+    _positive_int("train.eval_batch_size", cfg.train.eval_batch_size)
+    _choice("train.progress", cfg.train.progress, ("auto", True, False))
+
+    _named("dataset", cfg.dataset, DATASETS.names())
+    data = cfg.dataset
+    _number("dataset.val_fraction", data.get("val_fraction", 0.1), 0, 1, low_open=True)
+    if data.val_fraction >= 1:
+        raise _fail("dataset.val_fraction", data.val_fraction, "must be > 0 and < 1")
+    if data.get("root") is not None and not data.get("download", False):
+        root = os.path.expanduser(str(data.root))
+        if not os.path.isdir(root):
+            raise KdrunError(
+                f"dataset.root={data.root} is not a folder (dataset.download=false, so the files must be there already)"
+            )
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise KdrunError(f"dataset.root={data.root} is not readable")
+    augment = data.get("augment") or {}
+    if not isinstance(augment.get("crop_pad", 0), int) or augment.get("crop_pad", 0) < 0:
+        raise _fail("dataset.augment.crop_pad", augment.get("crop_pad"), "must be an integer >= 0")
+
+    models = MODELS.names()
+    for role in ("teacher", "student"):
+        node = cfg[role]
+        if not isinstance(node, DictConfig):
+            raise KdrunError(f"{role} must be a model option (e.g. {role}=resnet18), got {node!r}")
+        if "_target_" not in node and node.get("name") not in models and node.get("name") not in torchvision_names():
+            raise KdrunError(
+                f"{role}.name={node.get('name')!r} is not a known model; choose one of: "
+                f"{', '.join(models)}, or any torchvision classification model name"
+            )
+        if node.get("stem", "auto") not in ("auto", "small", "imagenet"):
+            raise KdrunError(f"{role}.stem={node.stem!r} is invalid; choose one of: auto, small, imagenet")
+    checkpoint = cfg.teacher.get("checkpoint")
+    if checkpoint is not None and not os.path.isfile(os.path.expanduser(str(checkpoint))):
+        raise KdrunError(f"teacher.checkpoint={checkpoint} is not a file")
+    _named("loss", cfg.loss, LOSSES.names())
+    _named("optim", cfg.optim, OPTIMIZERS.names())
+    _named("sched", cfg.sched, SCHEDULES.names())
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -1,0 +1,255 @@
+"""The one training and evaluation loop, shared by every stage (teacher, baseline, student)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torchmetrics.functional.classification import multiclass_accuracy
+from tqdm.auto import tqdm
+
+from kdrun.data import Data, Split
+from kdrun.errors import KdrunError
+from kdrun.losses import Objective
+from kdrun.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how to compute: the resolved ``device`` and ``amp`` settings."""
+
+    device: torch.device
+    amp: str = "off"  # off | bf16 | fp16
+    progress: bool = False
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_runtime(device: str = "auto", amp: str = "auto", progress: Any = "auto") -> Runtime:
+    """Resolve ``device=auto`` and ``amp=auto``; a GPU-only choice on CPU degrades with a warning."""
+    device = str(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise KdrunError(f"device={device!r} is invalid; choose one of: auto, cpu, cuda, cuda:N, mps") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KdrunError(f"device={device} but no CUDA GPU is available; use device=auto or device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise KdrunError(f"device={device} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise KdrunError(f"device={device} but MPS is not available; use device=auto or device=cpu")
+    amp = str(amp)
+    if amp not in AMP_CHOICES:
+        raise KdrunError(f"amp={amp!r} is invalid; choose one of: {', '.join(AMP_CHOICES)}")
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "off"
+    elif amp == "fp16" and dev.type != "cuda":
+        log.warning("amp=fp16 needs a CUDA GPU (GradScaler); using bf16 autocast on %s instead", dev.type)
+        amp = "bf16"
+    if progress == "auto":
+        progress = sys.stderr.isatty()
+    return Runtime(dev, amp, bool(progress))
+
+
+@dataclass
+class FitResult:
+    """A trained model (last epoch) and what the stage learned about itself."""
+
+    model: nn.Module
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    val_acc_best: float
+    train_time_s: float
+    img_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, split: Split, data: Data, runtime: Runtime, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels of a whole split, in split order, with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for images, y, _ in split.batches(batch_size):
+        with runtime.autocast():
+            logits.append(model(data.transform(images)).float())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Loss, top-1 accuracy and (with more than 5 classes) top-5 accuracy of logits against labels."""
+    num_classes = logits.shape[1]
+    out = {
+        "loss": nn.functional.cross_entropy(logits, labels).item(),
+        "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
+    }
+    if num_classes > 5:
+        out["top5"] = multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
+    return out
+
+
+def evaluate(model: nn.Module, split: Split, data: Data, runtime: Runtime, batch_size: int) -> dict[str, float]:
+    return classification_metrics(*predict(model, split, data, runtime, batch_size))
+
+
+def fit(
+    stage: str,
+    model: nn.Module,
+    objective: Objective,
+    data: Data,
+    train_cfg: Any,
+    optim_cfg: Any,
+    sched_cfg: Any,
+    runtime: Runtime,
+    seed: int,
+    writer=None,
+    teacher: nn.Module | None = None,
+    eval_batch_size: int = 1024,
+) -> FitResult:
+    """Train ``model`` on ``data.train`` with ``objective``; validate every epoch; keep the best-val weights.
+
+    With ``teacher`` (frozen, eval mode, no grad) the objective gets its logits for the same batch.
+    Scalars go to ``writer`` under ``<stage>/train/<loss and each term>``, ``<stage>/val/{loss,acc}``,
+    ``<stage>/lr`` and ``<stage>/img_per_s``.
+    """
+    epochs, batch_size = int(train_cfg.epochs), int(train_cfg.batch_size)
+    device = runtime.device
+    model.to(device)
+    objective.to(device)
+    if objective.needs_teacher:
+        if teacher is None:
+            raise ValueError(f"stage {stage}: the objective needs a teacher")
+        teacher.to(device).eval().requires_grad_(False)
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(optim_cfg, params, float(train_cfg.lr))
+    steps_per_epoch = data.train.num_batches(batch_size, shuffle=True)
+    scheduler = build_scheduler(sched_cfg, optimizer, steps_per_epoch, epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
+    generator = torch.Generator().manual_seed(seed)  # batch order and augmentation of this stage
+
+    best_state, best_epoch, best_acc = None, 0, -1.0
+    history, train_time, images_seen = [], 0.0, 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        seen = 0
+        start = time.perf_counter()
+        batches = tqdm(
+            data.train.batches(batch_size, shuffle=True, generator=generator),
+            total=steps_per_epoch,
+            desc=f"{stage} {epoch}/{epochs}",
+            leave=False,
+            disable=not runtime.progress,
+            file=sys.stderr,
+        )
+        for images, labels, _ in batches:
+            x = data.transform(images, train=True, generator=generator)
+            with runtime.autocast():
+                logits = model(x)
+                if objective.needs_teacher:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                else:
+                    teacher_logits = None
+            loss, terms = objective(logits, labels, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = len(labels)
+            seen += n
+            sums["loss"] += loss.detach() * n  # summed on the device: no host sync per step
+            sums["correct"] += (logits.detach().argmax(1) == labels).sum()
+            for name, value in terms.items():
+                sums[name] += value.detach() * n
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - start
+        train_time += epoch_time
+        images_seen += seen
+        if not torch.isfinite(sums["loss"]):
+            raise KdrunError(
+                f"stage {stage}, epoch {epoch}: the training loss is not finite; "
+                f"lower the learning rate (train.{'teacher' if stage == 'teacher' else 'student'}.lr) "
+                "or use amp=bf16/off"
+            )
+        train = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
+        train["acc"] = sums["correct"].item() / seen
+        val = evaluate(model, data.val, data, runtime, eval_batch_size)
+        row = {
+            "epoch": epoch,
+            "img_per_s": seen / epoch_time,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{f"train/{k}": v for k, v in train.items()},
+            **{f"val/{k}": v for k, v in val.items()},
+        }
+        history.append(row)
+        if writer is not None:
+            for tag in ("lr", "img_per_s"):
+                writer.add_scalar(f"{stage}/{tag}", row[tag], epoch)
+            for k, v in train.items():
+                writer.add_scalar(f"{stage}/train/{k}", v, epoch)
+            for k in ("loss", "acc"):
+                writer.add_scalar(f"{stage}/val/{k}", val[k], epoch)
+        log.info(
+            "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
+            stage,
+            epoch,
+            epochs,
+            train["loss"],
+            train["acc"],
+            val["loss"],
+            val["acc"],
+            row["img_per_s"],
+        )
+        if val["acc"] > best_acc:
+            best_acc, best_epoch = val["acc"], epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    assert best_state is not None
+    return FitResult(
+        model,
+        best_state,
+        best_epoch,
+        best_acc,
+        train_time,
+        images_seen / train_time if train_time > 0 else 0.0,
+        history,
+    )
+
+
+def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` holding ``state`` (e.g. its best-validation weights)."""
+    other = copy.deepcopy(model)
+    other.load_state_dict(state)
+    return other

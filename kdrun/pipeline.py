@@ -1,0 +1,195 @@
+"""One run, top to bottom: data -> teacher -> baseline -> distilled student -> report."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from kdrun.checkpoint import load_model, save_model
+from kdrun.data import Data, build_data, with_train_subset
+from kdrun.engine import Runtime, evaluate, fit, resolve_runtime, with_state
+from kdrun.losses import CrossEntropy, Objective, build_objective
+from kdrun.models import build_model, count_params, model_name
+from kdrun.report import assemble, summary_table, write_hparams, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Run the whole experiment that ``cfg`` describes; return the distilled student's best validation accuracy."""
+    run_dir = Path(run_dir or _hydra_output_dir() or ".")
+    runtime = resolve_runtime(cfg.device, cfg.amp, cfg.train.progress)
+    seed_everything(cfg.seed)
+    data = build_data(cfg.dataset, runtime.device)
+    log.info(
+        "dataset %s: %d train / %d val / %d test images, %d classes, %d x %d px x %d channels; device %s, amp %s",
+        data.name,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        data.spec.num_classes,
+        data.spec.image_size,
+        data.spec.image_size,
+        data.spec.in_channels,
+        runtime.device,
+        runtime.amp,
+    )
+    writer = SummaryWriter(str(run_dir / "tb"))
+    stages: dict[str, dict[str, Any]] = {}
+    try:
+        teacher, stages["teacher"] = teacher_stage(cfg, data, runtime, writer, run_dir)
+        if cfg.baseline:
+            _, stages["baseline"] = train_stage(
+                "baseline", cfg.student, CrossEntropy(), cfg, data, runtime, writer, run_dir
+            )
+        objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
+        log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
+        _, stages["student"] = train_stage(
+            "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher
+        )
+        metrics = assemble(run_config(cfg, runtime), stages)
+        write_json(run_dir / "metrics.json", metrics)
+        write_hparams(writer, metrics)
+    finally:
+        writer.close()
+    log.info("results (%s):\n%s", run_dir / "metrics.json", summary_table(metrics))
+    return float(metrics["objective"])
+
+
+def teacher_stage(cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir: Path) -> tuple[nn.Module, dict]:
+    """Load the teacher from ``teacher.checkpoint`` or train it; either way, evaluate it and write teacher.pt."""
+    if cfg.teacher.get("checkpoint"):
+        teacher = load_model(cfg.teacher.checkpoint, cfg.teacher, data.spec).to(runtime.device)
+        log.info("teacher %s loaded from %s", model_name(cfg.teacher), cfg.teacher.checkpoint)
+        val = evaluate(teacher, data.val, data, runtime, cfg.train.eval_batch_size)
+        test = evaluate(teacher, data.test, data, runtime, cfg.train.eval_batch_size)
+        save_model(run_dir / "teacher.pt", teacher, cfg.teacher, data.spec, source=str(cfg.teacher.checkpoint))
+        return teacher, {
+            "source": "checkpoint",
+            "cache_key": None,
+            "model": model_name(cfg.teacher),
+            "params": count_params(teacher),
+            "test_acc": test["acc"],
+            "test_acc_best": test["acc"],
+            "val_acc_best": val["acc"],
+            "best_epoch": None,
+            "test_top5": test.get("top5"),
+            "test_top5_best": test.get("top5"),
+            "test_loss": test["loss"],
+            "epochs": 0,
+            "train_time_s": 0.0,
+            "img_per_s": None,
+        }
+    return train_stage("teacher", cfg.teacher, CrossEntropy(), cfg, data, runtime, writer, run_dir)
+
+
+def train_stage(
+    stage: str,
+    model_cfg: DictConfig,
+    objective: Objective,
+    cfg: DictConfig,
+    data: Data,
+    runtime: Runtime,
+    writer,
+    run_dir: Path,
+    teacher: nn.Module | None = None,
+) -> tuple[nn.Module, dict]:
+    """Build, train and test one model; return its best-validation version and its metrics.json entry.
+
+    The baseline and the distilled student are built and shuffled from the same seed, so they start from
+    the same weights and see the same batches: the only difference is the objective.
+    """
+    recipe = cfg.train.teacher if stage == "teacher" else cfg.train.student
+    data = with_train_subset(data, recipe.get("max_samples"), cfg.dataset.get("split_seed", 0))
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, data.spec, key=stage if stage != "baseline" else "student")
+    log.info(
+        "%s: %s, %.3fM parameters, %d epochs, batch %d, lr %g",
+        stage,
+        model_name(model_cfg),
+        count_params(model) / 1e6,
+        recipe.epochs,
+        recipe.batch_size,
+        recipe.lr,
+    )
+    result = fit(
+        stage,
+        model,
+        objective,
+        data,
+        recipe,
+        cfg.optim,
+        cfg.sched,
+        runtime,
+        cfg.seed,
+        writer,
+        teacher,
+        cfg.train.eval_batch_size,
+    )
+    best = with_state(result.model, result.best_state)
+    last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
+    best_test = evaluate(best, data.test, data, runtime, cfg.train.eval_batch_size)
+    save_model(run_dir / f"{stage}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
+    return best, {
+        "source": "trained",
+        "cache_key": None,
+        "model": model_name(model_cfg),
+        "params": count_params(model),
+        "test_acc": last_test["acc"],
+        "test_acc_best": best_test["acc"],
+        "val_acc_best": result.val_acc_best,
+        "best_epoch": result.best_epoch,
+        "test_top5": last_test.get("top5"),
+        "test_top5_best": best_test.get("top5"),
+        "test_loss": last_test["loss"],
+        "epochs": int(recipe.epochs),
+        "train_time_s": result.train_time_s,
+        "img_per_s": result.img_per_s,
+    }
+
+
+def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
+    """The ``config`` entry of metrics.json and the HParams of the run."""
+    return {
+        "dataset": cfg.dataset.name,
+        "teacher": model_name(cfg.teacher),
+        "student": model_name(cfg.student),
+        "loss": model_name(cfg.loss),
+        "T": float(cfg.T),
+        "alpha": float(cfg.alpha),
+        "seed": int(cfg.seed),
+        "device": str(runtime.device),
+        "amp": runtime.amp,
+        "baseline": bool(cfg.baseline),
+        "optim": model_name(cfg.optim),
+        "sched": model_name(cfg.sched),
+        "teacher_epochs": int(cfg.train.teacher.epochs),
+        "student_epochs": int(cfg.train.student.epochs),
+        "teacher_lr": float(cfg.train.teacher.lr),
+        "student_lr": float(cfg.train.student.lr),
+        "batch_size": int(cfg.train.student.batch_size),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _hydra_output_dir() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
