@@ -1,0 +1,36 @@
+"""Shared fixtures: where the real datasets are, and how to run the real ``kdrun`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("KDRUN_SHARED_DATA", REPO.parent / "shared" / "data"))
+KDRUN = Path(sys.executable).parent / "kdrun"
+# Small, fast settings for end-to-end runs: the pipeline is real, only shorter.
+QUICK = ["train.teacher.epochs=1", "train.student.epochs=1", "train.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"real MNIST files are not under {SHARED_DATA}/MNIST/raw (set KDRUN_SHARED_DATA to their root)")
+    return SHARED_DATA
+
+
+def run_kdrun(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``kdrun`` console script as a user would."""
+    assert KDRUN.exists(), f"the kdrun command is not installed next to {sys.executable}: pip install -e ."
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([str(KDRUN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,268 @@
+"""The real ``kdrun`` command in a subprocess: output contract, TensorBoard, errors, packaging."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from tests.conftest import QUICK, REPO, read_metrics, run_kdrun
+
+STAGE_KEYS = {
+    "source",
+    "cache_key",
+    "params",
+    "test_acc",
+    "test_acc_best",
+    "val_acc_best",
+    "best_epoch",
+    "test_top5",
+    "train_time_s",
+    "img_per_s",
+}
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def hparams_of(acc: EventAccumulator) -> dict:
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.string_value or v.number_value or v.bool_value for k, v in info.hparams.items()}
+
+
+def check_run_dir(run_dir: Path, stages=("teacher", "baseline", "student")) -> dict:
+    metrics = read_metrics(run_dir)
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    for stage in stages:
+        assert STAGE_KEYS <= set(metrics[stage]), stage
+        assert 0 <= metrics[stage]["test_acc"] <= 1 and 0 <= metrics[stage]["val_acc_best"] <= 1
+        assert (run_dir / f"{stage}.pt").is_file()
+    assert metrics["objective"] == metrics["student"]["val_acc_best"]
+    if "baseline" in stages:
+        assert metrics["kd_gain"] == pytest.approx(metrics["student"]["test_acc"] - metrics["baseline"]["test_acc"])
+    return metrics
+
+
+def test_default_run_writes_the_output_contract(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_kdrun([f"hydra.run.dir={run_dir}", *QUICK], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = check_run_dir(run_dir)
+    assert (
+        metrics["config"]
+        | {
+            "dataset": "digits",
+            "teacher": "resnet20",
+            "student": "small_cnn",
+            "loss": "kd",
+            "T": 4.0,
+            "alpha": 0.2,
+            "seed": 0,
+            "device": "cpu",
+            "amp": "off",
+        }
+        == metrics["config"]
+    )
+    assert metrics["teacher"]["params"] > 10 * metrics["student"]["params"]
+    log = (run_dir / "kdrun.log").read_text() + result.stdout
+    assert "CE weight 0.2, KD weight 0.8" in log
+    assert "KD gain" in log and "teacher" in log and "baseline" in log
+    acc = events(run_dir)
+    tags = set(acc.Tags()["scalars"])
+    for stage in ("teacher", "baseline", "student"):
+        assert {
+            f"{stage}/train/loss",
+            f"{stage}/train/acc",
+            f"{stage}/val/loss",
+            f"{stage}/val/acc",
+            f"{stage}/lr",
+            f"{stage}/img_per_s",
+        } <= tags
+    assert {"student/train/ce", "student/train/kd"} <= tags
+    assert {"final/student_test_acc", "final/kd_gain"} <= tags
+    hp = hparams_of(acc)
+    assert hp["dataset"] == "digits" and hp["teacher"] == "resnet20" and hp["T"] == 4.0 and hp["alpha"] == 0.2
+    assert hp["student_epochs"] == 1
+
+
+def test_issue_command_on_real_mnist(tmp_path, mnist_root):
+    run_dir = tmp_path / "run"
+    result = run_kdrun(
+        [
+            f"hydra.run.dir={run_dir}",
+            "dataset=mnist",
+            f"dataset.root={mnist_root}",
+            "dataset.download=false",
+            "teacher=lenet5",
+            "student=mlp",
+            "T=4",
+            "alpha=0.2",
+            "student.hidden=[32]",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = check_run_dir(run_dir)
+    assert metrics["config"]["dataset"] == "mnist"
+    assert metrics["teacher"]["test_acc"] > 0.9 and metrics["student"]["test_top5"] > 0.9
+    assert {"student/train/kd", "teacher/val/acc"} <= set(events(run_dir).Tags()["scalars"])
+
+
+def test_baseline_false_and_teacher_checkpoint(tmp_path):
+    first = tmp_path / "first"
+    assert run_kdrun([f"hydra.run.dir={first}", "teacher=lenet5", *QUICK], cwd=tmp_path).returncode == 0
+    second = tmp_path / "second"
+    result = run_kdrun(
+        [
+            f"hydra.run.dir={second}",
+            "teacher=lenet5",
+            f"teacher.checkpoint={first / 'teacher.pt'}",
+            "baseline=false",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = check_run_dir(second, stages=("teacher", "student"))
+    assert "baseline" not in metrics and "kd_gain" not in metrics
+    assert metrics["teacher"]["source"] == "checkpoint"
+    assert metrics["teacher"]["test_acc_best"] == pytest.approx(read_metrics(first)["teacher"]["test_acc_best"])
+    result = run_kdrun(
+        [
+            f"hydra.run.dir={tmp_path / 'third'}",
+            "teacher=resnet20",
+            f"teacher.checkpoint={first / 'teacher.pt'}",
+            *QUICK,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "holds a lenet5 but the run's model is resnet20" in result.stderr
+
+
+CLI_ERRORS = [
+    (["teacher=resnet1000"], "teacher='resnet1000' is not a known option; choose one of:"),
+    (["dataset=imagenet21k"], "dataset='imagenet21k' is not a known option; choose one of: cifar10"),
+    (["T=-1"], "T=-1 is invalid: must be > 0"),
+    (["alpha=2"], "alpha=2 is invalid: must be >= 0 and <= 1"),
+    (["train.student.epochs=0"], "train.student.epochs=0 is invalid"),
+    (["amp=fp8"], "amp='fp8' is invalid; choose one of: auto, bf16, fp16, off"),
+    (["alpah=0.3"], "Could not override 'alpah'"),
+    (
+        ["dataset=mnist", "dataset.root=/no/such/dir", "dataset.download=false"],
+        "dataset.root=/no/such/dir is not a folder",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,message", CLI_ERRORS)
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, args, message):
+    result = run_kdrun([f"hydra.run.dir={tmp_path / 'run'}", *args], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("kdrun: error: ") and message in lines[0]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_missing_dataset_files_offline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_kdrun(
+        [
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "dataset=fashion_mnist",
+            f"dataset.root={tmp_path / 'empty'}",
+            "dataset.download=false",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"files not found under {tmp_path / 'empty' / 'FashionMNIST' / 'raw'}" in result.stderr
+
+
+def test_user_config_dir_and_target_model(tmp_path):
+    (tmp_path / "mine" / "student").mkdir(parents=True)
+    (tmp_path / "mine" / "student" / "tiny.yaml").write_text("_target_: usernet.Tiny\nwidth: 16\n")
+    (tmp_path / "usernet.py").write_text(
+        "import torch.nn as nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self, num_classes, in_channels, image_size, width=8):\n"
+        "        super().__init__()\n"
+        "        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, width), nn.ReLU(),\n"
+        "                                 nn.Linear(width, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x)\n"
+    )
+    run_dir = tmp_path / "run"
+    result = run_kdrun(
+        ["--config-dir", str(tmp_path / "mine"), f"hydra.run.dir={run_dir}", "student=tiny", "teacher=lenet5", *QUICK],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = check_run_dir(run_dir)
+    assert metrics["config"]["student"] == "usernet.Tiny"
+    assert metrics["student"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("kdrun-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "kdrun/conf/config.yaml",
+        "kdrun/conf/dataset/digits.yaml",
+        "kdrun/conf/teacher/resnet18.yaml",
+        "kdrun/conf/student/small_cnn.yaml",
+        "kdrun/conf/loss/kd.yaml",
+        "kdrun/cli.py",
+    ):
+        assert required in names, required
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "kdrun = kdrun.cli:main" in entry_points
+
+
+def test_metrics_json_is_valid_json_with_fractions(tmp_path):
+    run_dir = tmp_path / "run"
+    assert (
+        run_kdrun(
+            [
+                f"hydra.run.dir={run_dir}",
+                "dataset=fake",
+                "teacher=resnet8",
+                "student=mlp",
+                "dataset.train_size=64",
+                *QUICK,
+            ],
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["dataset"] == "fake"
