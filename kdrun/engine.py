@@ -73,7 +73,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", progress: Any = "au
         log.warning("amp=fp16 needs a CUDA GPU (GradScaler); using bf16 autocast on %s instead", dev.type)
         amp = "bf16"
     if progress == "auto":
-        progress = sys.stderr.isatty()
+        progress = sys.stdout.isatty()  # bars only when a person watches the output
     return Runtime(dev, amp, bool(progress))
 
 

@@ -266,3 +266,48 @@ def test_metrics_json_is_valid_json_with_fractions(tmp_path):
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["config"]["dataset"] == "fake"
+
+
+def test_non_editable_wheel_install_runs(tmp_path):
+    # Build the wheel, install it into a folder that shadows the editable install, and run from it.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next((tmp_path / "dist").glob("kdrun-*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    where = subprocess.run(
+        [sys.executable, "-c", "import kdrun; print(kdrun.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
+    assert where.startswith(str(tmp_path / "site"))
+    result = subprocess.run(
+        [sys.executable, "-m", "kdrun", "teacher=resnet18", "student=small_cnn", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name: resnet18" in result.stdout and "T: 4.0" in result.stdout
