@@ -216,24 +216,16 @@ def test_user_config_dir_and_target_model(tmp_path):
     assert metrics["student"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
 
 
-def test_wheel_ships_the_configs(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    wheel = next(tmp_path.glob("kdrun-*.whl"))
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel, the way `pip install .` builds it."""
+    out = tmp_path_factory.mktemp("dist")
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
+    subprocess.run([*command, str(REPO)], check=True, capture_output=True)
+    return next(out.glob("kdrun-*.whl"))
+
+
+def test_wheel_ships_the_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
         "kdrun/conf/config.yaml",
@@ -268,25 +260,8 @@ def test_metrics_json_is_valid_json_with_fractions(tmp_path):
     assert metrics["config"]["dataset"] == "fake"
 
 
-def test_non_editable_wheel_install_runs(tmp_path):
-    # Build the wheel, install it into a folder that shadows the editable install, and run from it.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path / "dist"),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    wheel = next((tmp_path / "dist").glob("kdrun-*.whl"))
+def test_non_editable_wheel_install_runs(tmp_path, wheel):
+    # Install the wheel into a folder that shadows the editable install, and run kdrun from it.
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
         check=True,

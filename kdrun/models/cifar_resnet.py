@@ -25,6 +25,18 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+def make_stages(block, in_planes: int, widths, blocks: int) -> tuple[list[nn.Sequential], int]:
+    """Stages of ``blocks`` blocks each, one per width; every stage after the first halves the resolution."""
+    stages = []
+    for i, planes in enumerate(widths):
+        layers = []
+        for j in range(blocks):
+            layers.append(block(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+            in_planes = planes
+        stages.append(nn.Sequential(*layers))
+    return stages, in_planes
+
+
 class CifarResNet(nn.Module):
     """3x3 stem, three stages of ``(depth - 2) / 6`` basic blocks (strides 1, 2, 2), global pool, linear."""
 
@@ -35,13 +47,7 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        stages, in_planes = [], widths[0]
-        for i, planes in enumerate(widths[1:]):
-            layers = []
-            for j in range(blocks):
-                layers.append(BasicBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
+        stages, in_planes = make_stages(BasicBlock, widths[0], widths[1:], blocks)
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)

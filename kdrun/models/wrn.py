@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from kdrun.models import MODELS
+from kdrun.models.cifar_resnet import make_stages
 
 
 class WideBlock(nn.Module):
@@ -34,13 +35,9 @@ class WideResNet(nn.Module):
         blocks = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        stages, in_planes = [], widths[0]
-        for i, planes in enumerate(widths[1:]):
-            layers = []
-            for j in range(blocks):
-                layers.append(WideBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, dropout))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
+        stages, in_planes = make_stages(
+            lambda i, o, stride: WideBlock(i, o, stride, dropout), widths[0], widths[1:], blocks
+        )
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(in_planes)
         self.relu = nn.ReLU(inplace=True)
