@@ -34,6 +34,12 @@ class DataSpec:
     image_size: int
 
 
+def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
+    """Batches per pass; a shuffled (training) pass drops a last batch of one sample, as ``batches`` does."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= (2 if shuffle else 1) else 0)
+
+
 class TensorSplit:
     """A split held whole in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
 
@@ -64,8 +70,7 @@ class TensorSplit:
             yield self.images[idx], self.labels[idx], idx
 
     def num_batches(self, batch_size: int, shuffle: bool = False) -> int:
-        full, rest = divmod(len(self), batch_size)
-        return full + (1 if rest >= (2 if shuffle else 1) else 0)
+        return _num_batches(len(self), batch_size, shuffle)
 
 
 class _Indexed(Dataset):
@@ -123,7 +128,7 @@ class LoaderSplit:
             )
 
     def num_batches(self, batch_size: int, shuffle: bool = False) -> int:
-        return TensorSplit.num_batches(self, batch_size, shuffle)  # type: ignore[arg-type]
+        return _num_batches(len(self), batch_size, shuffle)
 
 
 Split = TensorSplit | LoaderSplit

@@ -1,5 +1,6 @@
 """The engine and pipeline in-process: AMP on CPU, frozen teacher, fair baseline, schedules."""
 
+import json
 import logging
 
 import pytest
@@ -24,10 +25,7 @@ def config(*overrides):
 
 def test_alpha_one_makes_the_student_exactly_the_baseline(tmp_path):
     # Same seed, init and batch order: with the KD weight at 0, distillation must reproduce the baseline.
-    metrics = {}
     run(config("alpha=1.0"), tmp_path)
-    import json
-
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["student"]["test_acc"] == metrics["baseline"]["test_acc"]
     assert metrics["student"]["val_acc_best"] == metrics["baseline"]["val_acc_best"]
