@@ -13,8 +13,7 @@ from kdrun.data import DATASETS
 from kdrun.engine import AMP_CHOICES
 from kdrun.errors import KdrunError
 from kdrun.losses import LOSSES
-from kdrun.models import MODELS
-from kdrun.models.torchvision_models import torchvision_names
+from kdrun.models import check_model_cfg
 from kdrun.optim import OPTIMIZERS, SCHEDULES
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -108,18 +107,10 @@ def _validate(cfg: DictConfig) -> None:
     if not isinstance(augment.get("crop_pad", 0), int) or augment.get("crop_pad", 0) < 0:
         raise _fail("dataset.augment.crop_pad", augment.get("crop_pad"), "must be an integer >= 0")
 
-    models = MODELS.names()
     for role in ("teacher", "student"):
-        node = cfg[role]
-        if not isinstance(node, DictConfig):
-            raise KdrunError(f"{role} must be a model option (e.g. {role}=resnet18), got {node!r}")
-        if "_target_" not in node and node.get("name") not in models and node.get("name") not in torchvision_names():
-            raise KdrunError(
-                f"{role}.name={node.get('name')!r} is not a known model; choose one of: "
-                f"{', '.join(models)}, or any torchvision classification model name"
-            )
-        if node.get("stem", "auto") not in ("auto", "small", "imagenet"):
-            raise KdrunError(f"{role}.stem={node.stem!r} is invalid; choose one of: auto, small, imagenet")
+        if not isinstance(cfg[role], DictConfig):
+            raise KdrunError(f"{role} must be a model option (e.g. {role}=resnet18), got {cfg[role]!r}")
+        check_model_cfg(cfg[role], role)
     checkpoint = cfg.teacher.get("checkpoint")
     if checkpoint is not None and not os.path.isfile(os.path.expanduser(str(checkpoint))):
         raise KdrunError(f"teacher.checkpoint={checkpoint} is not a file")

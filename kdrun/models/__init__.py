@@ -46,17 +46,30 @@ def build_model(cfg: Any, spec: DataSpec, key: str = "model") -> nn.Module:
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
         extra = {k: v for k, v in sizes.items() if k not in arch and (takes_all or k in params)}
         return instantiate(arch, **extra)
-    name = arch.pop("name", None)
+    check_model_cfg(arch, key)
+    name = arch.pop("name")
     if name in MODELS:
         return MODELS.get(name)(**sizes, **arch)
-    from kdrun.models.torchvision_models import build_torchvision, torchvision_names
+    from kdrun.models.torchvision_models import build_torchvision
 
-    if name in torchvision_names():
-        return build_torchvision(name, **sizes, **arch)
-    raise KdrunError(
-        f"{key}.name={name!r} is not a known model; choose one of: {', '.join(MODELS.names())}, "
-        "or any torchvision classification model name"
-    )
+    return build_torchvision(name, **sizes, **arch)
+
+
+def check_model_cfg(cfg: Any, key: str = "model") -> None:
+    """Raise a one-line ``KdrunError`` if ``cfg`` names no known model or an invalid stem (``_target_`` passes)."""
+    from kdrun.models.torchvision_models import STEMS, torchvision_names
+
+    arch = architecture_cfg(cfg)
+    if "_target_" in arch:
+        return
+    name = arch.get("name")
+    if name not in MODELS and name not in torchvision_names():
+        raise KdrunError(
+            f"{key}.name={name!r} is not a known model; choose one of: {', '.join(MODELS.names())}, "
+            "or any torchvision classification model name"
+        )
+    if arch.get("stem", "auto") not in STEMS:
+        raise KdrunError(f"{key}.stem={arch['stem']!r} is invalid; choose one of: {', '.join(STEMS)}")
 
 
 def count_params(model: nn.Module) -> int:

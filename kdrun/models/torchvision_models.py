@@ -10,6 +10,7 @@ import torchvision
 
 from kdrun.errors import KdrunError
 
+STEMS = ("auto", "small", "imagenet")
 SMALL_IMAGE_MAX = 16  # stem=auto uses the small stem at or below this side length
 
 
@@ -27,8 +28,6 @@ def build_torchvision(
     (as CIFAR variants do), ``imagenet`` keeps torchvision's stem and only changes its input channels,
     ``auto`` picks ``small`` for images of at most 16 px.
     """
-    if stem not in ("auto", "small", "imagenet"):
-        raise KdrunError(f"stem={stem!r} is invalid; choose one of: auto, small, imagenet")
     small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE_MAX)
     if weights:
         try:
