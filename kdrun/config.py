@@ -117,4 +117,9 @@ def _validate(cfg: DictConfig) -> None:
     _named("loss", cfg.loss, LOSSES.names())
     _named("optim", cfg.optim, OPTIMIZERS.names())
     _named("sched", cfg.sched, SCHEDULES.names())
+    if not isinstance(cfg.get("cache"), DictConfig):
+        raise KdrunError(f"cache={cfg.get('cache')!r} is invalid; choose one of: on, off")
+    _choice("cache.enabled", cfg.cache.enabled, (True, False))
+    if cfg.cache.enabled and not str(cfg.cache.get("dir") or "").strip():
+        raise _fail("cache.dir", cfg.cache.get("dir"), "must be a folder path when the cache is on")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -229,6 +229,21 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> Data:
     return Data(name, spec, train.to(device), val.to(device), test.to(device), transform.to(device))
 
 
+# Dataset keys that say how long or how much to train, or where the files are, not which images: they are left
+# out of the data's identity (the cache key), except ``root`` for datasets whose root *is* the data.
+NOT_IDENTITY_KEYS = ("root", "download", "num_workers", "epochs", "batch_size", "student_max_samples")
+ROOT_IS_THE_DATA = {"imagefolder"}
+
+
+def dataset_identity(cfg: Any) -> dict[str, Any]:
+    """The dataset config reduced to what determines the images and splits a model is trained and tested on."""
+    options = to_dict(cfg)
+    identity = {k: v for k, v in options.items() if k not in NOT_IDENTITY_KEYS}
+    if options.get("name") in ROOT_IS_THE_DATA and options.get("root"):
+        identity["root"] = os.path.abspath(os.path.expanduser(str(options["root"])))
+    return identity
+
+
 def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Sorted indices of ``n`` samples, as evenly spread over the classes as their counts allow (seeded)."""
     labels = labels.cpu()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,14 @@ import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
+from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache
 from kdrun.checkpoint import load_model, save_model
-from kdrun.data import Data, build_data, with_train_subset
+from kdrun.data import Data, build_data, dataset_identity, with_train_subset
 from kdrun.engine import Runtime, evaluate, fit, resolve_runtime, with_state
 from kdrun.losses import CrossEntropy, Objective, build_objective
-from kdrun.models import build_model, count_params, model_name
+from kdrun.models import architecture_cfg, build_model, count_params, model_name
+from kdrun.parallel import job_device
+from kdrun.registry import to_dict
 from kdrun.report import assemble, summary_table, write_hparams, write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,11 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Run the whole experiment that ``cfg`` describes; return the distilled student's best validation accuracy."""
     run_dir = Path(run_dir or _hydra_output_dir() or ".")
-    runtime = resolve_runtime(cfg.device, cfg.amp, cfg.train.progress)
+    with job_device(cfg.device) as device:
+        return _run(cfg, run_dir, resolve_runtime(device, cfg.amp, cfg.train.progress))
+
+
+def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset, runtime.device)
     log.info(
@@ -42,14 +51,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         runtime.device,
         runtime.amp,
     )
+    cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
     writer = SummaryWriter(str(run_dir / "tb"))
     stages: dict[str, dict[str, Any]] = {}
     try:
-        teacher, stages["teacher"] = teacher_stage(cfg, data, runtime, writer, run_dir)
+        teacher, stages["teacher"] = teacher_stage(cfg, data, runtime, writer, run_dir, cache)
         if cfg.baseline:
-            _, stages["baseline"] = train_stage(
-                "baseline", cfg.student, CrossEntropy(), cfg, data, runtime, writer, run_dir
-            )
+            _, stages["baseline"] = reusable_stage("baseline", cfg.student, cfg, data, runtime, writer, run_dir, cache)
         objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
         log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
         _, stages["student"] = train_stage(
@@ -64,8 +72,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     return float(metrics["objective"])
 
 
-def teacher_stage(cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir: Path) -> tuple[nn.Module, dict]:
-    """Load the teacher from ``teacher.checkpoint`` or train it; either way, evaluate it and write teacher.pt."""
+def teacher_stage(
+    cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir: Path, cache: ArtefactCache | None
+) -> tuple[nn.Module, dict]:
+    """Load the teacher from ``teacher.checkpoint``, or take it from the cache, or train it."""
     if cfg.teacher.get("checkpoint"):
         teacher = load_model(cfg.teacher.checkpoint, cfg.teacher, data.spec).to(runtime.device)
         log.info("teacher %s loaded from %s", model_name(cfg.teacher), cfg.teacher.checkpoint)
@@ -88,7 +98,69 @@ def teacher_stage(cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir
             "train_time_s": 0.0,
             "img_per_s": None,
         }
-    return train_stage("teacher", cfg.teacher, CrossEntropy(), cfg, data, runtime, writer, run_dir)
+    return reusable_stage("teacher", cfg.teacher, cfg, data, runtime, writer, run_dir, cache)
+
+
+def reusable_stage(
+    stage: str,
+    model_cfg: DictConfig,
+    cfg: DictConfig,
+    data: Data,
+    runtime: Runtime,
+    writer,
+    run_dir: Path,
+    cache: ArtefactCache | None,
+) -> tuple[nn.Module, dict]:
+    """The teacher and the baseline depend on neither T nor alpha: every run of a sweep shares one of each.
+
+    They come from the artefact cache when an entry with the same key exists; otherwise this job trains and
+    caches them while parallel jobs wanting the same key wait, then reuse it.
+    """
+    train = partial(train_stage, stage, model_cfg, CrossEntropy(), cfg, data, runtime, writer, run_dir)
+    if cache is None:
+        return train()
+    trained: list[tuple[nn.Module, dict]] = []
+
+    def build() -> tuple[Path, dict]:
+        trained.append(train())
+        return run_dir / f"{stage}.pt", trained[0][1]
+
+    entry, hit = cache.fetch_or_build(stage, artefact_fields(stage, cfg, runtime), build)
+    if not hit:
+        model, metrics = trained[0]
+        return model, {**metrics, "cache_key": entry.key}
+    model = load_model(entry.model_path, model_cfg, data.spec, key=f"cache entry {entry.dir}").to(runtime.device)
+    _link_or_skip(entry.model_path, run_dir / f"{stage}.pt")
+    metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
+    log.info(
+        "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
+        stage,
+        model_name(model_cfg),
+        entry.key,
+        entry.meta.get("created"),
+        100 * metrics["test_acc"],
+    )
+    return model, metrics
+
+
+def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
+    """Everything that determines a trained teacher or baseline, and nothing else: the key of its cache entry.
+
+    Not T, alpha or the loss (they only shape the distilled student), nor where the data lives, the device
+    or the evaluation batch size.
+    """
+    model_cfg, recipe = (cfg.teacher, cfg.train.teacher) if stage == "teacher" else (cfg.student, cfg.train.student)
+    return {
+        "code": TRAINING_CODE_VERSION,
+        "objective": "ce",
+        "dataset": dataset_identity(cfg.dataset),
+        "model": architecture_cfg(model_cfg),
+        "recipe": to_dict(recipe),
+        "optim": to_dict(cfg.optim),
+        "sched": to_dict(cfg.sched),
+        "seed": int(cfg.seed),
+        "amp": runtime.amp,
+    }
 
 
 def train_stage(
@@ -177,6 +249,15 @@ def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
         "student_lr": float(cfg.train.student.lr),
         "batch_size": int(cfg.train.student.batch_size),
     }
+
+
+def _link_or_skip(src: Path, dst: Path) -> None:
+    """Give the run dir its ``<stage>.pt`` as a hard link to the cache entry (no copy); skip across filesystems."""
+    try:
+        dst.unlink(missing_ok=True)
+        os.link(src, dst)
+    except OSError:
+        log.info("%s is not linked into the run dir (another filesystem); the model is %s", dst.name, src)
 
 
 def seed_everything(seed: int) -> None:
