@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -10,6 +11,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from kdrun.callbacks import take_sweep_failure
 from kdrun.errors import KdrunError
 
 
@@ -20,14 +22,21 @@ def hydra_main(cfg: DictConfig) -> float:
 
     from kdrun.config import validate
     from kdrun.pipeline import run
+    from kdrun.report import write_failure
 
     try:
         validate(cfg)
         return run(cfg)
-    except KdrunError as e:
+    except Exception as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records the failed job
-        _fail(e)
+            # One failed job must not stop the sweep: record it for the summary, which lists it and makes
+            # the sweep exit non-zero; the objective of a failed job is NaN (Optuna marks the trial failed).
+            logging.getLogger("kdrun").exception("this job failed: %s", _one_line(e))
+            write_failure(HydraConfig.get().runtime.output_dir, _one_line(e), e)
+            return float("nan")
+        if isinstance(e, KdrunError):
+            _fail(e)
+        raise
 
 
 def _fail(e: BaseException) -> None:
@@ -53,6 +62,9 @@ def main() -> None:
         if full_traceback:
             raise
         _fail(e)
+    failure = take_sweep_failure()
+    if failure is not None:
+        _fail(failure)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def write_failure(run_dir: str | os.PathLike, error: str, exc: BaseException) -> None:
+    """``failure.json`` in a failed job's dir: its one-line error, for the sweep summary."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    write_json(Path(run_dir) / "failure.json", {"error": error, "type": type(exc).__name__, "traceback": trace})
 
 
 def hparam_metrics(metrics: dict[str, Any]) -> dict[str, float]:
