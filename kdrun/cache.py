@@ -148,6 +148,14 @@ class ArtefactCache:
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             _fsync(tmp / META_FILE)
+            if folder.exists():
+                # Written meanwhile without our lock (the cache folder was recreated under a running job, or the
+                # filesystem ignores flock): keep a whole entry, replace a damaged one.
+                existing = self._verified(kind, key)
+                if existing is not None:
+                    log.warning("cache entry %s appeared while this job built it; using that one", folder)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return existing
             os.rename(tmp, folder)
             _fsync(folder.parent)
         except BaseException:

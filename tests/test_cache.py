@@ -153,6 +153,33 @@ def test_corrupt_entry_is_reported_and_rebuilt_never_used(tmp_path, caplog, dama
     assert hit and calls == [1, 1]
 
 
+def test_entry_written_meanwhile_without_the_lock_is_kept_not_clobbered(tmp_path):
+    cache = ArtefactCache(tmp_path / "cache")
+    other = ArtefactCache(tmp_path / "cache")
+    first_build, _ = builder(tmp_path, payload=b"first")
+
+    def build_while_another_writes():
+        # e.g. a job still running after its cache folder was deleted and recreated: it had its own lock file
+        other.fetch_or_build("teacher", {"k": 9}, first_build)
+        path = tmp_path / "second.pt"
+        path.write_bytes(b"second")
+        return path, {"test_acc": 0.1}
+
+    lock = tmp_path / "cache" / "teacher" / f"{cache_key({'k': 9})}.lock"
+    with pytest.MonkeyPatch.context() as mp:
+        # give the outer build its own lock file, as a recreated cache folder would
+        mp.setattr("kdrun.cache._locked", lambda path, what: _no_lock())
+        entry, hit = cache.fetch_or_build("teacher", {"k": 9}, build_while_another_writes)
+    assert not hit and entry.model_path.read_bytes() == b"first"
+    assert not list(lock.parent.glob(".tmp-*"))
+
+
+def _no_lock():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 def test_failed_build_leaves_nothing_behind(tmp_path):
     cache = ArtefactCache(tmp_path / "cache")
 
