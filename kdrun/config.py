@@ -89,6 +89,7 @@ def _validate(cfg: DictConfig) -> None:
         _number(f"train.{stage}.lr", node.lr, 0, low_open=True)
     _positive_int("train.eval_batch_size", cfg.train.eval_batch_size)
     _choice("train.progress", cfg.train.progress, ("auto", True, False))
+    _choice("train.teacher_logits", cfg.train.get("teacher_logits", "auto"), ("auto", "online"))
 
     _named("dataset", cfg.dataset, DATASETS.names())
     data = cfg.dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -88,6 +89,7 @@ class FitResult:
     train_time_s: float
     img_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    peak_mem_mb: float | None = None  # the highest of the epochs' peaks (see ``peak_memory_mb``)
 
 
 @torch.no_grad()
@@ -104,6 +106,13 @@ def predict(
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The frozen teacher's float32 logits for a batch, in inference mode (no autograd bookkeeping at all)."""
+    with torch.inference_mode(), runtime.autocast():
+        out = teacher(x).float()
+    return out.clone()  # a normal tensor again: inference tensors cannot take part in the student's backward
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -135,10 +144,13 @@ def fit(
     writer=None,
     teacher: nn.Module | None = None,
     eval_batch_size: int = 1024,
+    teacher_logits: torch.Tensor | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` with ``objective``; validate every epoch; keep the best-val weights.
 
-    With ``teacher`` (frozen, eval mode, no grad) the objective gets its logits for the same batch.
+    The objective gets the teacher's logits for the same batch: rows of ``teacher_logits`` (the teacher's
+    outputs for the whole split, in split order) picked by each batch's sample indices, or else ``teacher``
+    run on the batch in inference mode.
     Scalars go to ``writer`` under ``<stage>/train/<loss and each term>``, ``<stage>/val/{loss,acc}``,
     ``<stage>/lr`` and ``<stage>/img_per_s``.
     """
@@ -147,9 +159,14 @@ def fit(
     model.to(device)
     objective.to(device)
     if objective.needs_teacher:
-        if teacher is None:
+        if teacher_logits is not None:
+            if teacher_logits.shape[0] != len(data.train):
+                raise ValueError(f"stage {stage}: {len(teacher_logits)} teacher logits for {len(data.train)} samples")
+            teacher_logits = teacher_logits.to(device)
+        elif teacher is None:
             raise ValueError(f"stage {stage}: the objective needs a teacher")
-        teacher.to(device).eval().requires_grad_(False)
+        else:
+            teacher.to(device).eval().requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = build_optimizer(optim_cfg, params, float(train_cfg.lr))
     steps_per_epoch = data.train.num_batches(batch_size, shuffle=True)
@@ -163,6 +180,7 @@ def fit(
         model.train()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         seen = 0
+        reset_peak_memory(device)
         start = time.perf_counter()
         batches = tqdm(
             data.train.batches(batch_size, shuffle=True, generator=generator),
@@ -172,16 +190,17 @@ def fit(
             disable=not runtime.progress,
             file=sys.stderr,
         )
-        for images, labels, _ in batches:
+        for images, labels, idx in batches:
             x = data.transform(images, train=True, generator=generator)
             with runtime.autocast():
                 logits = model(x)
-                if objective.needs_teacher:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                else:
-                    teacher_logits = None
-            loss, terms = objective(logits, labels, teacher_logits)
+            if not objective.needs_teacher:
+                targets = None
+            elif teacher_logits is not None:
+                targets = teacher_logits[idx]  # by sample index, never by batch position
+            else:
+                targets = teacher_outputs(teacher, x, runtime)
+            loss, terms = objective(logits, labels, targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -210,13 +229,14 @@ def fit(
         row = {
             "epoch": epoch,
             "img_per_s": seen / epoch_time,
+            "peak_mem_mb": peak_memory_mb(device),
             "lr": optimizer.param_groups[0]["lr"],
             **{f"train/{k}": v for k, v in train.items()},
             **{f"val/{k}": v for k, v in val.items()},
         }
         history.append(row)
         if writer is not None:
-            for tag in ("lr", "img_per_s"):
+            for tag in ("lr", "img_per_s", "peak_mem_mb"):
                 writer.add_scalar(f"{stage}/{tag}", row[tag], epoch)
             for k, v in train.items():
                 writer.add_scalar(f"{stage}/train/{k}", v, epoch)
@@ -245,7 +265,33 @@ def fit(
         train_time,
         images_seen / train_time if train_time > 0 else 0.0,
         history,
+        max(row["peak_mem_mb"] for row in history),
     )
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak resident memory (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since ``reset_peak_memory``: GPU tensors on CUDA, else the process's peak RSS (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    import resource  # not Linux: the peak of the whole process, never reset
+
+    bytes_per_unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * bytes_per_unit / 2**20
 
 
 def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache
-from kdrun.checkpoint import load_model, save_model
+from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, file_sha256
+from kdrun.checkpoint import atomic_save, load_model, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
-from kdrun.engine import Runtime, evaluate, fit, resolve_runtime, with_state
+from kdrun.engine import Runtime, evaluate, fit, predict, resolve_runtime, with_state
+from kdrun.errors import KdrunError
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.parallel import job_device
@@ -60,9 +62,11 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
             _, stages["baseline"] = reusable_stage("baseline", cfg.student, cfg, data, runtime, writer, run_dir, cache)
         objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
         log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
+        logits, how = teacher_logits(cfg, data, runtime, teacher, stages["teacher"], run_dir, cache)
         _, stages["student"] = train_stage(
-            "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher
+            "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher, logits
         )
+        stages["student"]["teacher_logits"] = how
         metrics = assemble(run_config(cfg, runtime), stages)
         write_json(run_dir / "metrics.json", metrics)
         write_hparams(writer, metrics)
@@ -85,6 +89,7 @@ def teacher_stage(
         return teacher, {
             "source": "checkpoint",
             "cache_key": None,
+            "checkpoint_sha256": file_sha256(Path(cfg.teacher.checkpoint).expanduser()),
             "model": model_name(cfg.teacher),
             "params": count_params(teacher),
             "test_acc": test["acc"],
@@ -143,6 +148,68 @@ def reusable_stage(
     return model, metrics
 
 
+def teacher_logits(
+    cfg: DictConfig,
+    data: Data,
+    runtime: Runtime,
+    teacher: nn.Module,
+    teacher_metrics: dict,
+    run_dir: Path,
+    cache: ArtefactCache | None,
+) -> tuple[torch.Tensor | None, str]:
+    """The teacher's logits on the student's training images, when they are the same every epoch.
+
+    Without random augmentation the teacher sees the same inputs every epoch, so one pass gives every logit
+    the student will ever need: rows in split order, looked up by sample index. They go into the artefact
+    cache, keyed by the teacher's identity and the data, so the runs of a sweep share one pass. With random
+    augmentation (or ``train.teacher_logits=online``) the teacher runs on each batch instead.
+    """
+    if cfg.train.teacher_logits == "online" or data.transform.augments:
+        return None, "online"
+    split_seed = cfg.dataset.get("split_seed", 0)
+    student_data = with_train_subset(data, cfg.train.student.get("max_samples"), split_seed)
+    split = student_data.train
+
+    def compute() -> torch.Tensor:
+        started = time.perf_counter()
+        logits, _ = predict(teacher, split, student_data, runtime, cfg.train.eval_batch_size)
+        log.info("teacher logits for %d training images in %.1f s", len(split), time.perf_counter() - started)
+        return logits
+
+    identity = teacher_metrics.get("cache_key") or teacher_metrics.get("checkpoint_sha256")
+    if cache is None or identity is None:
+        return compute(), "cached in memory"
+    fields = {
+        "code": TRAINING_CODE_VERSION,
+        "teacher": identity,
+        "dataset": dataset_identity(cfg.dataset),
+        "split": "train",
+        "max_samples": cfg.train.student.get("max_samples"),
+        "amp": runtime.amp,
+    }
+    tmp = run_dir / ".teacher_logits.pt"
+
+    def build() -> tuple[Path, dict]:
+        atomic_save({"logits": compute().cpu(), "labels": _labels(split)}, tmp)
+        return tmp, {"samples": len(split)}
+
+    try:
+        entry, _ = cache.fetch_or_build("teacher_logits", fields, build)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stored = torch.load(entry.model_path, map_location="cpu", weights_only=True)  # checksum-verified by the cache
+    if stored["logits"].shape[0] != len(split) or not torch.equal(stored["labels"], _labels(split)):
+        raise KdrunError(f"cache entry {entry.dir} holds logits of other samples than this run's; delete it")
+    return stored["logits"].to(runtime.device), f"cached ({entry.key})"
+
+
+def _labels(split) -> torch.Tensor:
+    """The labels of a split in split order (read through the split itself for DataLoader splits)."""
+    if hasattr(split, "labels"):
+        return split.labels.cpu()
+    return torch.cat([labels.cpu() for _, labels, _ in split.batches(4096)])
+
+
 def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
     """Everything that determines a trained teacher or baseline, and nothing else: the key of its cache entry.
 
@@ -173,6 +240,7 @@ def train_stage(
     writer,
     run_dir: Path,
     teacher: nn.Module | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build, train and test one model; return its best-validation version and its metrics.json entry.
 
@@ -205,6 +273,7 @@ def train_stage(
         writer,
         teacher,
         cfg.train.eval_batch_size,
+        teacher_logits,
     )
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
@@ -225,6 +294,7 @@ def train_stage(
         "epochs": int(recipe.epochs),
         "train_time_s": result.train_time_s,
         "img_per_s": result.img_per_s,
+        "peak_mem_mb": result.peak_mem_mb,
     }
 
 
