@@ -51,7 +51,7 @@ def test_parallel_sweep_trains_one_teacher_and_one_baseline_then_none(tmp_path):
         assert len({read_metrics(j)[stage]["cache_key"] for j in jobs}) == 1
         assert len(list((tmp_path / "outputs" / ".cache" / stage).glob("[0-9a-f]*[0-9a-f]"))) == 1
     logs = "".join((j / "kdrun.log").read_text() for j in jobs)
-    assert logs.count("cache miss: teacher") == 1 and logs.count("cache hit: teacher") == 3
+    assert logs.count("cache miss: teacher ") == 1 and logs.count("cache hit: teacher ") == 3
     assert "2 jobs run at once: 1 CPU thread(s)" in logs
 
     rows = summary_rows(first)
