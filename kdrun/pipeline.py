@@ -170,15 +170,15 @@ def teacher_logits(
     student_data = with_train_subset(data, cfg.train.student.get("max_samples"), split_seed)
     split = student_data.train
 
-    def compute() -> torch.Tensor:
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
         started = time.perf_counter()
-        logits, _ = predict(teacher, split, student_data, runtime, cfg.train.eval_batch_size)
+        logits, labels = predict(teacher, split, student_data, runtime, cfg.train.eval_batch_size)
         log.info("teacher logits for %d training images in %.1f s", len(split), time.perf_counter() - started)
-        return logits
+        return logits, labels
 
     identity = teacher_metrics.get("cache_key") or teacher_metrics.get("checkpoint_sha256")
     if cache is None or identity is None:
-        return compute(), "cached in memory"
+        return compute()[0], "cached in memory"
     fields = {
         "code": TRAINING_CODE_VERSION,
         "teacher": identity,
@@ -190,7 +190,8 @@ def teacher_logits(
     tmp = run_dir / ".teacher_logits.pt"
 
     def build() -> tuple[Path, dict]:
-        atomic_save({"logits": compute().cpu(), "labels": _labels(split)}, tmp)
+        logits, labels = compute()
+        atomic_save({"logits": logits.cpu(), "labels": labels.cpu()}, tmp)
         return tmp, {"samples": len(split)}
 
     try:
@@ -198,16 +199,12 @@ def teacher_logits(
     finally:
         tmp.unlink(missing_ok=True)
     stored = torch.load(entry.model_path, map_location="cpu", weights_only=True)  # checksum-verified by the cache
-    if stored["logits"].shape[0] != len(split) or not torch.equal(stored["labels"], _labels(split)):
+    labels = getattr(split, "labels", None)  # in-memory splits: check the rows are this run's samples, in order
+    if stored["logits"].shape[0] != len(split) or (
+        labels is not None and not torch.equal(stored["labels"], labels.cpu())
+    ):
         raise KdrunError(f"cache entry {entry.dir} holds logits of other samples than this run's; delete it")
     return stored["logits"].to(runtime.device), f"cached ({entry.key})"
-
-
-def _labels(split) -> torch.Tensor:
-    """The labels of a split in split order (read through the split itself for DataLoader splits)."""
-    if hasattr(split, "labels"):
-        return split.labels.cpu()
-    return torch.cat([labels.cpu() for _, labels, _ in split.batches(4096)])
 
 
 def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:

@@ -25,6 +25,13 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal (fan_out) init of every conv, as the CIFAR ResNet and WRN papers do."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 def make_stages(block, in_planes: int, widths, blocks: int) -> tuple[list[nn.Sequential], int]:
     """Stages of ``blocks`` blocks each, one per width; every stage after the first halves the resolution."""
     stages = []
@@ -51,9 +58,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from kdrun.models import MODELS
-from kdrun.models.cifar_resnet import make_stages
+from kdrun.models.cifar_resnet import kaiming_init, make_stages
 
 
 class WideBlock(nn.Module):
@@ -43,9 +43,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
