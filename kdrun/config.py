@@ -10,11 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from kdrun.data import DATASETS
-from kdrun.engine import AMP_CHOICES
 from kdrun.errors import KdrunError
 from kdrun.losses import LOSSES
 from kdrun.models import check_model_cfg
 from kdrun.optim import OPTIMIZERS, SCHEDULES
+from kdrun.runtime import AMP_CHOICES, CHANNELS_LAST_CHOICES
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -81,6 +81,8 @@ def _validate(cfg: DictConfig) -> None:
     if not DEVICE_PATTERN.match(str(cfg.device)):
         raise KdrunError(f"device={cfg.device!r} is invalid; choose one of: auto, cpu, cuda, cuda:N, mps")
     _choice("amp", cfg.amp, AMP_CHOICES)
+    _choice("channels_last", cfg.channels_last, CHANNELS_LAST_CHOICES)
+    _choice("compile", cfg.compile, (True, False))
     _choice("baseline", cfg.baseline, (True, False))
     for stage in ("teacher", "student"):
         node = cfg.train[stage]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,61 +19,9 @@ from kdrun.data import Data, Split
 from kdrun.errors import KdrunError
 from kdrun.losses import Objective
 from kdrun.optim import build_optimizer, build_scheduler
+from kdrun.runtime import Runtime, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how to compute: the resolved ``device`` and ``amp`` settings."""
-
-    device: torch.device
-    amp: str = "off"  # off | bf16 | fp16
-    progress: bool = False
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-
-def resolve_runtime(device: str = "auto", amp: str = "auto", progress: Any = "auto") -> Runtime:
-    """Resolve ``device=auto`` and ``amp=auto``; a GPU-only choice on CPU degrades with a warning."""
-    device = str(device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise KdrunError(f"device={device!r} is invalid; choose one of: auto, cpu, cuda, cuda:N, mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KdrunError(f"device={device} but no CUDA GPU is available; use device=auto or device=cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise KdrunError(f"device={device} but only {torch.cuda.device_count()} GPU(s) are visible")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise KdrunError(f"device={device} but MPS is not available; use device=auto or device=cpu")
-    amp = str(amp)
-    if amp not in AMP_CHOICES:
-        raise KdrunError(f"amp={amp!r} is invalid; choose one of: {', '.join(AMP_CHOICES)}")
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "off"
-    elif amp == "fp16" and dev.type != "cuda":
-        log.warning("amp=fp16 needs a CUDA GPU (GradScaler); using bf16 autocast on %s instead", dev.type)
-        amp = "bf16"
-    if progress == "auto":
-        progress = sys.stdout.isatty()  # bars only when a person watches the output
-    return Runtime(dev, amp, bool(progress))
 
 
 @dataclass
@@ -99,10 +45,11 @@ def predict(
     """Logits (float32) and labels of a whole split, in split order, with the model in eval mode."""
     was_training = model.training
     model.eval()
+    forward = runtime.forward(runtime.prepare(model))
     logits, labels = [], []
     for images, y, _ in split.batches(batch_size):
         with runtime.autocast():
-            logits.append(model(data.transform(images)).float())
+            logits.append(forward(runtime.inputs(data.transform(images))).float())
         labels.append(y)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
@@ -111,7 +58,7 @@ def predict(
 def teacher_outputs(teacher: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """The frozen teacher's float32 logits for a batch, in inference mode (no autograd bookkeeping at all)."""
     with torch.inference_mode(), runtime.autocast():
-        out = teacher(x).float()
+        out = runtime.forward(teacher)(x).float()
     return out.clone()  # a normal tensor again: inference tensors cannot take part in the student's backward
 
 
@@ -156,7 +103,7 @@ def fit(
     """
     epochs, batch_size = int(train_cfg.epochs), int(train_cfg.batch_size)
     device = runtime.device
-    model.to(device)
+    forward = runtime.forward(runtime.prepare(model))
     objective.to(device)
     if objective.needs_teacher:
         if teacher_logits is not None:
@@ -166,7 +113,7 @@ def fit(
         elif teacher is None:
             raise ValueError(f"stage {stage}: the objective needs a teacher")
         else:
-            teacher.to(device).eval().requires_grad_(False)
+            runtime.prepare(teacher).eval().requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = build_optimizer(optim_cfg, params, float(train_cfg.lr))
     steps_per_epoch = data.train.num_batches(batch_size, shuffle=True)
@@ -191,9 +138,9 @@ def fit(
             file=sys.stderr,
         )
         for images, labels, idx in batches:
-            x = data.transform(images, train=True, generator=generator)
+            x = runtime.inputs(data.transform(images, train=True, generator=generator))
             with runtime.autocast():
-                logits = model(x)
+                logits = forward(x)
             if not objective.needs_teacher:
                 targets = None
             elif teacher_logits is not None:
@@ -267,31 +214,6 @@ def fit(
         history,
         max(row["peak_mem_mb"] for row in history),
     )
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator peak, or on Linux the process's peak resident memory (VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since ``reset_peak_memory``: GPU tensors on CUDA, else the process's peak RSS (MiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    import resource  # not Linux: the peak of the whole process, never reset
-
-    bytes_per_unit = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * bytes_per_unit / 2**20
 
 
 def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

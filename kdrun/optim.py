@@ -17,11 +17,32 @@ OPTIMIZERS.register("adamw")(torch.optim.AdamW)
 SCHEDULES = Registry("sched")
 
 
+FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)  # torch has one-kernel steps for these
+
+
 def build_optimizer(cfg: Any, params, lr: float) -> torch.optim.Optimizer:
-    """The optimizer that the ``optim`` node names; ``lr`` is the stage's learning rate."""
+    """The optimizer that the ``optim`` node names; ``lr`` is the stage's learning rate.
+
+    SGD, Adam and AdamW use torch's fused implementation on CPU and CUDA unless the node sets ``fused`` or
+    ``foreach`` itself: the same update in one kernel instead of a few per parameter.
+    """
     options = to_dict(cfg)
     options["lr"] = lr
+    params = list(params)
+    if options.get("fused") is None and options.get("foreach") is None and _fusable(options, params):
+        try:
+            return OPTIMIZERS.build({**options, "fused": True}, "optim", params=params)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # a device or dtype without a fused kernel: the default implementation below
     return OPTIMIZERS.build(options, "optim", params=params)
+
+
+def _fusable(options: dict[str, Any], params: list) -> bool:
+    name = options.get("name")
+    if "_target_" in options or name not in OPTIMIZERS or OPTIMIZERS.get(name) not in FUSED:
+        return False
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
 
 
 def build_scheduler(

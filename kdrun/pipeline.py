@@ -19,13 +19,14 @@ from torch.utils.tensorboard import SummaryWriter
 from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, file_sha256
 from kdrun.checkpoint import atomic_save, load_model, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
-from kdrun.engine import Runtime, evaluate, fit, predict, resolve_runtime, with_state
+from kdrun.engine import evaluate, fit, predict, with_state
 from kdrun.errors import KdrunError
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.parallel import job_device
 from kdrun.registry import to_dict
 from kdrun.report import assemble, summary_table, write_hparams, write_json
+from kdrun.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Run the whole experiment that ``cfg`` describes; return the distilled student's best validation accuracy."""
     run_dir = Path(run_dir or _hydra_output_dir() or ".")
     with job_device(cfg.device) as device:
-        return _run(cfg, run_dir, resolve_runtime(device, cfg.amp, cfg.train.progress))
+        runtime = resolve_runtime(device, cfg.amp, cfg.train.progress, cfg.channels_last, cfg.compile)
+        return _run(cfg, run_dir, runtime)
 
 
 def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset, runtime.device)
     log.info(
-        "dataset %s: %d train / %d val / %d test images, %d classes, %d x %d px x %d channels; device %s, amp %s",
+        "dataset %s: %d train / %d val / %d test images, %d classes, %d x %d px x %d channels; "
+        "device %s, amp %s, channels_last %s, compile %s",
         data.name,
         len(data.train),
         len(data.val),
@@ -52,6 +55,8 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         data.spec.in_channels,
         runtime.device,
         runtime.amp,
+        runtime.channels_last,
+        runtime.compile,
     )
     cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
     writer = SummaryWriter(str(run_dir / "tb"))
@@ -307,6 +312,8 @@ def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "device": str(runtime.device),
         "amp": runtime.amp,
+        "channels_last": runtime.channels_last,
+        "compile": runtime.compile,
         "baseline": bool(cfg.baseline),
         "optim": model_name(cfg.optim),
         "sched": model_name(cfg.sched),

@@ -16,9 +16,9 @@ import torch
 from hydra import compose, initialize_config_module
 
 from kdrun.cache import ArtefactCache, cache_key
-from kdrun.engine import Runtime
 from kdrun.parallel import lease_slot
 from kdrun.pipeline import artefact_fields
+from kdrun.runtime import Runtime
 from tests.conftest import QUICK, REPO, read_metrics, run_kdrun
 
 CPU = Runtime(torch.device("cpu"), "off")

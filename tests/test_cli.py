@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from kdrun.runtime import resolve_runtime
 from tests.conftest import QUICK, REPO, read_metrics, run_kdrun
 
 STAGE_KEYS = {
@@ -67,7 +68,7 @@ def test_default_run_writes_the_output_contract(tmp_path):
             "alpha": 0.2,
             "seed": 0,
             "device": "cpu",
-            "amp": "off",
+            "amp": resolve_runtime("cpu", "auto").amp,  # bf16 where the CPU has native bf16
         }
         == metrics["config"]
     )

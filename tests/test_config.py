@@ -65,6 +65,8 @@ BAD_VALUES = [
     ("train.teacher.lr=0", "train.teacher.lr=0 is invalid: must be > 0"),
     ("train.student.lr=-0.1", "train.student.lr=-0.1 is invalid: must be > 0"),
     ("amp=fp8", "amp='fp8' is invalid; choose one of: auto, bf16, fp16, off"),
+    ("channels_last=maybe", "channels_last='maybe' is invalid; choose one of: auto, True, False"),
+    ("compile=yes", "compile='yes' is invalid; choose one of: True, False"),
     ("device=tpu", "device='tpu' is invalid; choose one of: auto, cpu, cuda, cuda:N, mps"),
     ("seed=-1", "seed=-1 is invalid: must be an integer >= 0"),
     ("baseline=maybe", "baseline='maybe' is invalid; choose one of: True, False"),

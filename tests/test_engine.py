@@ -8,12 +8,13 @@ import torch
 from hydra import compose, initialize_config_module
 
 from kdrun.data import build_data
-from kdrun.engine import fit, resolve_runtime
+from kdrun.engine import fit
 from kdrun.errors import KdrunError
 from kdrun.losses import CrossEntropy, build_objective
 from kdrun.models import build_model
 from kdrun.optim import build_scheduler
 from kdrun.pipeline import run
+from kdrun.runtime import resolve_runtime
 
 QUICK = ["train.teacher.epochs=1", "train.student.epochs=2", "train.progress=false", "teacher=lenet5"]
 
@@ -34,7 +35,6 @@ def test_alpha_one_makes_the_student_exactly_the_baseline(tmp_path):
 
 def test_bf16_autocast_runs_on_cpu_and_fp16_degrades_to_it(tmp_path, caplog):
     assert resolve_runtime("cpu", "bf16").amp == "bf16"
-    assert resolve_runtime("cpu", "auto").amp == "off"
     with caplog.at_level(logging.WARNING):
         assert resolve_runtime("cpu", "fp16").amp == "bf16"
     assert "fp16 needs a CUDA GPU" in caplog.text

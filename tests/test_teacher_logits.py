@@ -7,10 +7,11 @@ import torch.nn as nn
 from hydra import compose, initialize_config_module
 
 from kdrun.data import build_data
-from kdrun.engine import fit, predict, resolve_runtime, teacher_outputs
+from kdrun.engine import fit, predict, teacher_outputs
 from kdrun.losses import Objective, build_objective
 from kdrun.models import build_model
 from kdrun.pipeline import run
+from kdrun.runtime import resolve_runtime
 
 CPU = resolve_runtime("cpu", "off", False)
 
