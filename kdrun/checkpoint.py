@@ -27,14 +27,26 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        disk = next((c for c in _chain(e) if isinstance(c, OSError) and c.strerror), None)
+        if disk is not None:  # a full disk surfaces from torch.save as a RuntimeError around the OSError
+            raise KdrunError(
+                f"could not write {path}: {disk.strerror} (errno {disk.errno}); "
+                f"{'the previous file is intact' if path.exists() else 'nothing was written'}"
+            ) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: DataSpec, **meta: Any) -> None:
@@ -53,8 +65,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: 
     )
 
 
-def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
-    """Load a checkpoint file safely (tensors and plain containers only); any failure is one clear line."""
+def read_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
+    """Load a dict saved with ``torch.save``, safely (tensors and plain containers only); failures are one line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise KdrunError(f"{key}={path}: no such file")
@@ -73,6 +85,12 @@ def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[st
         ) from e
     if not isinstance(obj, dict):
         raise KdrunError(f"{key}={path} holds a {type(obj).__name__}, not a state_dict or a kdrun checkpoint")
+    return obj
+
+
+def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
+    """A model checkpoint (kdrun's or a plain state_dict), read with ``read_state``."""
+    obj = read_state(path, key)
     if "state_dict" not in obj:  # a plain state_dict
         obj = {"state_dict": obj}
     if not all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):

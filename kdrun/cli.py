@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdrun.callbacks import take_sweep_failure
 from kdrun.errors import KdrunError
+from kdrun.signals import Interrupted
 
 
 @hydra.main(config_path="pkg://kdrun.conf", config_name="config", version_base="1.3")
@@ -27,6 +29,10 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
         return run(cfg)
+    except Interrupted as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # stop the whole sweep, not just this job
+            raise Interrupted(f"{e}; re-run the sweep with hydra.sweep.dir=<its dir> to resume it", e.signum) from None
+        _fail(Interrupted(f"{e}; resume with: kdrun resume={HydraConfig.get().runtime.output_dir}", e.signum))
     except Exception as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # One failed job must not stop the sweep: record it for the summary, which lists it and makes
@@ -52,16 +58,38 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def expand_resume(argv: list[str]) -> list[str]:
+    """``resume=<run dir>`` -> the overrides that run was started with, and ``hydra.run.dir=<run dir>``."""
+    asked = [a for a in argv if a.startswith("resume=")]
+    if not asked:
+        return argv
+    if len(argv) != 1:
+        raise KdrunError(
+            "resume=<run dir> takes no other arguments: the run continues with the settings it was started with"
+        )
+    run_dir = Path(asked[0].partition("=")[2]).expanduser().resolve()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise KdrunError(f"resume={run_dir} is not a kdrun run dir: it has no .hydra/overrides.yaml")
+    overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
+    return [*overrides, f"hydra.run.dir={run_dir}"]
+
+
 def main() -> None:
     """Console entry point. Errors in the user's input become one line on stderr and exit code 2."""
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them itself
     try:
+        sys.argv[1:] = expand_resume(sys.argv[1:])
         hydra_main()
     except (KdrunError, HydraException, OmegaConfBaseException) as e:
         if full_traceback:
             raise
         _fail(e)
+    except PermissionError as e:  # Hydra creating the run dir or its log file
+        if full_traceback:
+            raise
+        _fail(KdrunError(f"cannot write {e.filename}: {e.strerror}; choose a writable hydra.run.dir"))
     failure = take_sweep_failure()
     if failure is not None:
         _fail(failure)

@@ -90,6 +90,9 @@ def _validate(cfg: DictConfig) -> None:
         _positive_int(f"train.{stage}.batch_size", node.batch_size)
         _number(f"train.{stage}.lr", node.lr, 0, low_open=True)
     _positive_int("train.eval_batch_size", cfg.train.eval_batch_size)
+    steps = cfg.train.get("max_nonfinite_steps", 10)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise _fail("train.max_nonfinite_steps", steps, "must be an integer >= 0")
     _choice("train.progress", cfg.train.progress, ("auto", True, False))
     _choice("train.teacher_logits", cfg.train.get("teacher_logits", "auto"), ("auto", "online"))
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,9 @@ from kdrun.data import Data, Split
 from kdrun.errors import KdrunError
 from kdrun.losses import Objective
 from kdrun.optim import build_optimizer, build_scheduler
+from kdrun.resume import load_training_state, save_training_state
 from kdrun.runtime import Runtime, peak_memory_mb, reset_peak_memory
+from kdrun.signals import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ def fit(
     teacher: nn.Module | None = None,
     eval_batch_size: int = 1024,
     teacher_logits: torch.Tensor | None = None,
+    state_path: Path | None = None,
+    max_nonfinite_steps: int = 10,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` with ``objective``; validate every epoch; keep the best-val weights.
 
@@ -99,7 +104,12 @@ def fit(
     outputs for the whole split, in split order) picked by each batch's sample indices, or else ``teacher``
     run on the batch in inference mode.
     Scalars go to ``writer`` under ``<stage>/train/<loss and each term>``, ``<stage>/val/{loss,acc}``,
-    ``<stage>/lr`` and ``<stage>/img_per_s``.
+    ``<stage>/lr``, ``<stage>/img_per_s`` and ``<stage>/peak_mem_mb``.
+
+    With ``state_path``, the whole training state is saved there after every epoch, and a state found there
+    is resumed from: the result is the same as without the interruption. A step whose loss is not finite is
+    skipped (no update); more than ``max_nonfinite_steps`` of them stop the stage with an error. SIGINT and
+    SIGTERM (see ``kdrun.signals``) stop it at the next step boundary.
     """
     epochs, batch_size = int(train_cfg.epochs), int(train_cfg.batch_size)
     device = runtime.device
@@ -122,8 +132,22 @@ def fit(
     generator = torch.Generator().manual_seed(seed)  # batch order and augmentation of this stage
 
     best_state, best_epoch, best_acc = None, 0, -1.0
-    history, train_time, images_seen = [], 0.0, 0
-    for epoch in range(1, epochs + 1):
+    history, train_time, images_seen, nonfinite, done = [], 0.0, 0, 0, 0
+    state = load_training_state(state_path) if state_path is not None else None
+    if state is not None:
+        if state["stage"] != stage or state["epoch"] > epochs:
+            raise KdrunError(f"{state_path} holds {state['stage']} epoch {state['epoch']}, not a state of {stage}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
+        history, train_time, images_seen = state["history"], state["train_time"], state["images_seen"]
+        nonfinite, done = state["nonfinite"], state["epoch"]
+        log.info("%s: resuming after epoch %d/%d (%s)", stage, done, epochs, state_path)
+    saved = f"its epochs 1-{done} are saved in {state_path}" if done and state_path else "no epoch of it is saved yet"
+    for epoch in range(done + 1, epochs + 1):
         model.train()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         seen = 0
@@ -137,7 +161,8 @@ def fit(
             disable=not runtime.progress,
             file=sys.stderr,
         )
-        for images, labels, idx in batches:
+        for step, (images, labels, idx) in enumerate(batches, 1):
+            check_stop(f"in stage {stage}, epoch {epoch}, step {step}", saved)
             x = runtime.inputs(data.transform(images, train=True, generator=generator))
             with runtime.autocast():
                 logits = forward(x)
@@ -148,6 +173,10 @@ def fit(
             else:
                 targets = teacher_outputs(teacher, x, runtime)
             loss, terms = objective(logits, labels, targets)
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                _check_nonfinite(stage, epoch, step, nonfinite, max_nonfinite_steps, runtime)
+                continue  # no update: the weights, optimizer and schedule stay as they were
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -155,7 +184,7 @@ def fit(
             scheduler.step()
             n = len(labels)
             seen += n
-            sums["loss"] += loss.detach() * n  # summed on the device: no host sync per step
+            sums["loss"] += loss.detach() * n  # summed on the device
             sums["correct"] += (logits.detach().argmax(1) == labels).sum()
             for name, value in terms.items():
                 sums[name] += value.detach() * n
@@ -164,12 +193,8 @@ def fit(
         epoch_time = time.perf_counter() - start
         train_time += epoch_time
         images_seen += seen
-        if not torch.isfinite(sums["loss"]):
-            raise KdrunError(
-                f"stage {stage}, epoch {epoch}: the training loss is not finite; "
-                f"lower the learning rate (train.{'teacher' if stage == 'teacher' else 'student'}.lr) "
-                "or use amp=bf16/off"
-            )
+        if seen == 0:
+            raise KdrunError(f"stage {stage}, epoch {epoch}: every step had a non-finite loss")
         train = {k: (v / seen).item() for k, v in sums.items() if k != "correct"}
         train["acc"] = sums["correct"].item() / seen
         val = evaluate(model, data.val, data, runtime, eval_batch_size)
@@ -203,6 +228,27 @@ def fit(
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if state_path is not None:
+            save_training_state(
+                state_path,
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": generator.get_state(),
+                    "best_state": best_state,
+                    "best_epoch": best_epoch,
+                    "best_acc": best_acc,
+                    "history": history,
+                    "train_time": train_time,
+                    "images_seen": images_seen,
+                    "nonfinite": nonfinite,
+                },
+            )
+            saved = f"its epochs 1-{epoch} are saved in {state_path}"
     assert best_state is not None
     return FitResult(
         model,
@@ -214,6 +260,18 @@ def fit(
         history,
         max(row["peak_mem_mb"] for row in history),
     )
+
+
+def _check_nonfinite(stage: str, epoch: int, step: int, count: int, limit: int, runtime: Runtime) -> None:
+    log.warning("%s epoch %d step %d: non-finite loss, step skipped (%d so far)", stage, epoch, step, count)
+    if count > limit:
+        recipe = "teacher" if stage == "teacher" else "student"
+        raise KdrunError(
+            f"stage {stage}, epoch {epoch}, step {step}: the loss was not finite in {count} steps "
+            f"(more than train.max_nonfinite_steps={limit}); likely causes: a learning rate too high for this "
+            f"model (train.{recipe}.lr), fp16 overflow (amp={runtime.amp}: try amp=bf16 or amp=off), "
+            "or NaN/inf in the data"
+        )
 
 
 def with_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -26,7 +26,9 @@ from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.parallel import job_device
 from kdrun.registry import to_dict
 from kdrun.report import assemble, summary_table, write_hparams, write_json
+from kdrun.resume import finished_stage, prepare_run_dir, record_stage, state_path
 from kdrun.runtime import Runtime, resolve_runtime
+from kdrun.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,14 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Run the whole experiment that ``cfg`` describes; return the distilled student's best validation accuracy."""
     run_dir = Path(run_dir or _hydra_output_dir() or ".")
-    with job_device(cfg.device) as device:
+    with job_device(cfg.device) as device, stop_on_signals():
         runtime = resolve_runtime(device, cfg.amp, cfg.train.progress, cfg.channels_last, cfg.compile)
         return _run(cfg, run_dir, runtime)
 
 
 def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
+    if prepare_run_dir(run_dir, cfg):
+        log.info("%s holds an earlier attempt of this run: finished stages are kept, the rest resumes", run_dir)
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset, runtime.device)
     log.info(
@@ -62,16 +66,28 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     writer = SummaryWriter(str(run_dir / "tb"))
     stages: dict[str, dict[str, Any]] = {}
     try:
-        teacher, stages["teacher"] = teacher_stage(cfg, data, runtime, writer, run_dir, cache)
-        if cfg.baseline:
-            _, stages["baseline"] = reusable_stage("baseline", cfg.student, cfg, data, runtime, writer, run_dir, cache)
-        objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
-        log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
-        logits, how = teacher_logits(cfg, data, runtime, teacher, stages["teacher"], run_dir, cache)
-        _, stages["student"] = train_stage(
-            "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher, logits
+        teacher, stages["teacher"] = resumable(
+            "teacher",
+            cfg.teacher,
+            data,
+            runtime,
+            run_dir,
+            partial(teacher_stage, cfg, data, runtime, writer, run_dir, cache),
         )
-        stages["student"]["teacher_logits"] = how
+        if cfg.baseline:
+            baseline = partial(reusable_stage, "baseline", cfg.student, cfg, data, runtime, writer, run_dir, cache)
+            _, stages["baseline"] = resumable("baseline", cfg.student, data, runtime, run_dir, baseline)
+
+        def distil() -> tuple[nn.Module, dict]:
+            objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
+            log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
+            logits, how = teacher_logits(cfg, data, runtime, teacher, stages["teacher"], run_dir, cache)
+            student, metrics = train_stage(
+                "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher, logits
+            )
+            return student, {**metrics, "teacher_logits": how}
+
+        _, stages["student"] = resumable("student", cfg.student, data, runtime, run_dir, distil)
         metrics = assemble(run_config(cfg, runtime), stages)
         write_json(run_dir / "metrics.json", metrics)
         write_hparams(writer, metrics)
@@ -79,6 +95,23 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         writer.close()
     log.info("results (%s):\n%s", run_dir / "metrics.json", summary_table(metrics))
     return float(metrics["objective"])
+
+
+def resumable(
+    stage: str, model_cfg: DictConfig, data: Data, runtime: Runtime, run_dir: Path, run_stage
+) -> tuple[nn.Module, dict]:
+    """``run_stage()``, unless an earlier attempt of this run finished the stage: then its model and metrics."""
+    metrics = finished_stage(run_dir, stage)
+    if metrics is None:
+        model, metrics = run_stage()
+        record_stage(run_dir, stage, metrics)
+        return model, metrics
+    path = run_dir / f"{stage}.pt"
+    model = load_model(path, model_cfg, data.spec, key=f"{stage} of the earlier attempt").to(runtime.device)
+    log.info(
+        "%s: finished by an earlier attempt of this run (%s), test acc %.2f%%", stage, path, 100 * metrics["test_acc"]
+    )
+    return model, metrics
 
 
 def teacher_stage(
@@ -276,6 +309,8 @@ def train_stage(
         teacher,
         cfg.train.eval_batch_size,
         teacher_logits,
+        state_path(run_dir, stage),
+        int(cfg.train.max_nonfinite_steps),
     )
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
