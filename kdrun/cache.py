@@ -79,6 +79,7 @@ class ArtefactCache:
         folder = self.root / kind
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(folder / f"{key}.lock", f"{kind} {key}"):
+            _remove_stale_temps(folder, key)
             entry = self._verified(kind, key)
             if entry is not None:
                 log.info("cache hit: %s %s (%s)", kind, key, entry.dir)
@@ -130,7 +131,6 @@ class ArtefactCache:
     def _store(self, kind: str, key: str, fields: dict, model_file: Path, metrics: dict) -> Entry:
         folder = self.root / kind / key
         tmp = folder.with_name(f".tmp-{key}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, killed build of ours (same pid reused)
         tmp.mkdir()
         try:
             shutil.copyfile(model_file, tmp / MODEL_FILE)
@@ -161,7 +161,6 @@ class ArtefactCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _remove_stale_temps(folder.parent, key)
         return Entry(kind, key, folder, meta)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -86,10 +87,16 @@ def main() -> None:
         if full_traceback:
             raise
         _fail(e)
-    except PermissionError as e:  # Hydra creating the run dir or its log file
+    except OSError as e:  # e.g. Hydra creating a run dir where a file is, or without permission
+        if full_traceback or not e.filename:
+            raise
+        _fail(KdrunError(f"cannot use {e.filename}: {e.strerror}"))
+    except yaml.MarkedYAMLError as e:  # a config file (--config-dir) that is not valid YAML
         if full_traceback:
             raise
-        _fail(KdrunError(f"cannot write {e.filename}: {e.strerror}; choose a writable hydra.run.dir"))
+        mark = e.problem_mark
+        where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
+        _fail(KdrunError(f"{where} is not valid YAML: {e.problem or e.context}"))
     failure = take_sweep_failure()
     if failure is not None:
         _fail(failure)

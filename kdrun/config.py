@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,17 @@ def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(key, value, "must be an integer > 0")
     return value
+
+
+def _writable_folder(key: str, path: Any) -> None:
+    """``path`` is a folder, or can become one: its nearest existing ancestor is a writable folder."""
+    existing = Path(os.path.expanduser(str(path))).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KdrunError(f"{key}={path} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KdrunError(f"{key}={path} is not writable ({existing} does not allow it)")
 
 
 def _choice(key: str, value: Any, choices) -> Any:
@@ -126,6 +138,8 @@ def _validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("cache"), DictConfig):
         raise KdrunError(f"cache={cfg.get('cache')!r} is invalid; choose one of: on, off")
     _choice("cache.enabled", cfg.cache.enabled, (True, False))
-    if cfg.cache.enabled and not str(cfg.cache.get("dir") or "").strip():
-        raise _fail("cache.dir", cfg.cache.get("dir"), "must be a folder path when the cache is on")
+    if cfg.cache.enabled:
+        if not str(cfg.cache.get("dir") or "").strip():
+            raise _fail("cache.dir", cfg.cache.get("dir"), "must be a folder path when the cache is on")
+        _writable_folder("cache.dir", cfg.cache.dir)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -151,28 +152,92 @@ def test_baseline_false_and_teacher_checkpoint(tmp_path):
 
 
 CLI_ERRORS = [
+    # overrides
     (["teacher=resnet1000"], "teacher='resnet1000' is not a known option; choose one of:"),
     (["dataset=imagenet21k"], "dataset='imagenet21k' is not a known option; choose one of: cifar10"),
+    (["optim=rmsprop"], "optim='rmsprop' is not a known option; choose one of: adam, adamw, sgd"),
     (["T=-1"], "T=-1 is invalid: must be > 0"),
     (["alpha=2"], "alpha=2 is invalid: must be >= 0 and <= 1"),
+    (["alpha=abc"], "alpha='abc' is invalid: must be a number"),
     (["train.student.epochs=0"], "train.student.epochs=0 is invalid"),
+    (["train.max_nonfinite_steps=-1"], "train.max_nonfinite_steps=-1 is invalid: must be an integer >= 0"),
+    (["dataset.val_fraction=0"], "dataset.val_fraction=0 is invalid: must be > 0"),
     (["amp=fp8"], "amp='fp8' is invalid; choose one of: auto, bf16, fp16, off"),
+    (["compile=maybe"], "compile='maybe' is invalid; choose one of: True, False"),
+    (["student.widht=3"], "Could not override 'student.widht'"),
     (["alpah=0.3"], "Could not override 'alpah'"),
+    # paths
     (
         ["dataset=mnist", "dataset.root=/no/such/dir", "dataset.download=false"],
         "dataset.root=/no/such/dir is not a folder",
     ),
+    (["dataset=mnist", "dataset.root={d}/afile", "dataset.download=false"], "dataset.root={d}/afile is not a folder"),
+    (["cache.dir={d}/afile/cache"], "cache.dir={d}/afile/cache cannot be a folder: {d}/afile is a file"),
+    (["hydra.run.dir={d}/afile/run"], "cannot use {d}/afile/run: Not a directory"),
+    # config files
+    (["--config-dir", "{d}/conf", "student=broken"], "{d}/conf/student/broken.yaml, line 3 is not valid YAML"),
+    (["--config-dir", "{d}/conf", "student=typo"], "student.widht is not an option of small_cnn; its options are"),
+    # checkpoint files
+    (["teacher.checkpoint={d}/evil.pt"], "{d}/evil.pt was refused by torch.load(weights_only=True)"),
+    (["teacher.checkpoint={d}/cut.pt"], "{d}/cut.pt is not a readable PyTorch checkpoint (truncated or corrupt?)"),
+    (["teacher.checkpoint={d}/notes.txt"], "{d}/notes.txt is not a readable PyTorch checkpoint"),
+    (["teacher.checkpoint={d}/list.pt"], "{d}/list.pt holds a list, not a state_dict or a kdrun checkpoint"),
+    (["teacher.checkpoint={d}/mlp.pt"], "{d}/mlp.pt holds a mlp but the run's model is resnet20"),
+    (["teacher.checkpoint={d}/c100.pt"], "was trained with num_classes=100 but the dataset has num_classes=10"),
+    (["teacher.checkpoint={d}/rgb.pt"], "was trained with in_channels=3 but the dataset has in_channels=1"),
+    (["teacher.checkpoint={d}/sd100.pt"], "{d}/sd100.pt does not fit resnet20 for this dataset: shape mismatch"),
+    (["teacher.checkpoint={d}/absent.pt"], "teacher.checkpoint={d}/absent.pt is not a file"),
 ]
 
 
+class _Payload:
+    def __reduce__(self):
+        return (open, (str(_Payload.marker), "w"))  # would create a file when unpickled
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    """Files that the bad-input table points kdrun at: broken configs and checkpoints of every kind."""
+    from kdrun.checkpoint import save_model
+    from kdrun.data import DataSpec
+    from kdrun.models import build_model
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "afile").write_text("a file, not a folder\n")
+    (d / "conf" / "student").mkdir(parents=True)
+    (d / "conf" / "student" / "broken.yaml").write_text("name: small_cnn\nchannels: [16, 32\n")
+    (d / "conf" / "student" / "typo.yaml").write_text("name: small_cnn\nwidht: 3\n")
+    _Payload.marker = d / "pwned"
+    torch.save({"state_dict": {}, "x": _Payload()}, d / "evil.pt")
+    digits, resnet20 = DataSpec(10, 1, 8), {"name": "resnet20"}
+    save_model(d / "good.pt", build_model(resnet20, digits), resnet20, digits)
+    data = (d / "good.pt").read_bytes()
+    (d / "cut.pt").write_bytes(data[: len(data) // 2])
+    (d / "notes.txt").write_text("these are not weights\n")
+    torch.save([1, 2, 3], d / "list.pt")
+    save_model(d / "mlp.pt", build_model({"name": "mlp"}, digits), {"name": "mlp"}, digits)
+    save_model(d / "c100.pt", build_model(resnet20, DataSpec(100, 1, 8)), resnet20, DataSpec(100, 1, 8))
+    save_model(d / "rgb.pt", build_model(resnet20, DataSpec(10, 3, 8)), resnet20, DataSpec(10, 3, 8))
+    torch.save(build_model(resnet20, DataSpec(100, 1, 8)).state_dict(), d / "sd100.pt")  # bare: no metadata
+    return d
+
+
 @pytest.mark.parametrize("args,message", CLI_ERRORS)
-def test_bad_input_exits_non_zero_with_one_line(tmp_path, args, message):
-    result = run_kdrun([f"hydra.run.dir={tmp_path / 'run'}", *args], cwd=tmp_path, timeout=120)
-    assert result.returncode != 0
+def test_bad_input_exits_non_zero_with_one_line(tmp_path, bad_files, args, message):
+    args = [a.format(d=bad_files) for a in args]
+    run_dir = tmp_path / "run"
+    run_dir_args = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={run_dir}"]
+    result = run_kdrun([*args, *run_dir_args], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kdrun: error: ") and message in lines[0]
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert lines[0].startswith("kdrun: error: ") and message.format(d=bad_files) in lines[0], lines[0]
+    assert not (run_dir / "metrics.json").exists()
+    assert not (bad_files / "pwned").exists()  # the malicious pickle never ran
+
+
+def test_the_bad_input_table_is_large():
+    assert len(CLI_ERRORS) >= 20
 
 
 def test_missing_dataset_files_offline(tmp_path):

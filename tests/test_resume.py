@@ -92,6 +92,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_metrics(tmp_path, 
     want["student"].pop("teacher_logits")
     assert got == want
     assert_no_partial_files(run_dir)
+    assert not list((tmp_path / "cache").rglob(".tmp-*")), "a killed build left a temp folder in the cache"
 
 
 def test_sigterm_stops_at_a_step_boundary_says_how_to_resume_and_resumes_exactly(tmp_path, reference):

@@ -70,6 +70,14 @@ def check_model_cfg(cfg: Any, key: str = "model") -> None:
         )
     if arch.get("stem", "auto") not in STEMS:
         raise KdrunError(f"{key}.stem={arch['stem']!r} is invalid; choose one of: {', '.join(STEMS)}")
+    if name in MODELS:
+        sizes = ("num_classes", "in_channels", "image_size")
+        options = [p for p in inspect.signature(MODELS.get(name)).parameters if p not in sizes]
+        unknown = sorted(k for k in arch if k != "name" and k not in options)
+        if unknown:
+            raise KdrunError(
+                f"{key}.{unknown[0]} is not an option of {name}; its options are: {', '.join(options) or 'none'}"
+            )
 
 
 def count_params(model: nn.Module) -> int:
