@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from kdrun.data import DATASETS
 from kdrun.errors import KdrunError
+from kdrun.export import check_formats
 from kdrun.losses import LOSSES
 from kdrun.models import check_model_cfg
 from kdrun.optim import OPTIMIZERS, SCHEDULES
@@ -132,6 +133,15 @@ def _validate(cfg: DictConfig) -> None:
     checkpoint = cfg.teacher.get("checkpoint")
     if checkpoint is not None and not os.path.isfile(os.path.expanduser(str(checkpoint))):
         raise KdrunError(f"teacher.checkpoint={checkpoint} is not a file")
+    report = cfg.get("report")
+    if not isinstance(report, DictConfig):
+        raise KdrunError(f"report must be a group of settings (report.enabled=..., ...), got {report!r}")
+    _choice("report.enabled", report.enabled, (True, False))
+    for key in ("ece_bins", "latency_repeats", "throughput_batch"):
+        _positive_int(f"report.{key}", report[key])
+    if isinstance(report.warmup, bool) or not isinstance(report.warmup, int) or report.warmup < 0:
+        raise _fail("report.warmup", report.warmup, "must be an integer >= 0")
+    check_formats(OmegaConf.to_container(cfg.export) if isinstance(cfg.export, ListConfig) else cfg.export)
     _named("loss", cfg.loss, LOSSES.names())
     _named("optim", cfg.optim, OPTIMIZERS.names())
     _named("sched", cfg.sched, SCHEDULES.names())

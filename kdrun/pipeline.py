@@ -21,11 +21,13 @@ from kdrun.checkpoint import atomic_save, load_model, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
 from kdrun.engine import evaluate, fit, predict, with_state
 from kdrun.errors import KdrunError
+from kdrun.evaluation import evaluate_models
+from kdrun.export import check_formats, export_student
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.parallel import job_device
 from kdrun.registry import to_dict
-from kdrun.report import assemble, summary_table, write_hparams, write_json
+from kdrun.report import assemble, summary_table, write_hparams, write_json, write_report
 from kdrun.resume import finished_stage, prepare_run_dir, record_stage, state_path
 from kdrun.runtime import Runtime, resolve_runtime
 from kdrun.signals import stop_on_signals
@@ -74,9 +76,12 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
             run_dir,
             partial(teacher_stage, cfg, data, runtime, writer, run_dir, cache),
         )
+        models = {"teacher": teacher}
         if cfg.baseline:
             baseline = partial(reusable_stage, "baseline", cfg.student, cfg, data, runtime, writer, run_dir, cache)
-            _, stages["baseline"] = resumable("baseline", cfg.student, data, runtime, run_dir, baseline)
+            models["baseline"], stages["baseline"] = resumable(
+                "baseline", cfg.student, data, runtime, run_dir, baseline
+            )
 
         def distil() -> tuple[nn.Module, dict]:
             objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
@@ -87,14 +92,49 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
             )
             return student, {**metrics, "teacher_logits": how}
 
-        _, stages["student"] = resumable("student", cfg.student, data, runtime, run_dir, distil)
+        models["student"], stages["student"] = resumable("student", cfg.student, data, runtime, run_dir, distil)
         metrics = assemble(run_config(cfg, runtime), stages)
-        write_json(run_dir / "metrics.json", metrics)
+        outputs = None
+        if cfg.report.enabled:
+            metrics["evaluation"], outputs = evaluation_section(models, data, data.test, runtime, run_dir, cfg)
+            for stage in models:  # the output contract's per-stage keys (of the saved, best-validation model)
+                metrics[stage].update({k: metrics["evaluation"][stage][k] for k in stage_report_keys(cfg)})
+        write_json(run_dir / "metrics.json", metrics)  # before the export, which may fail: nothing is lost
+        formats = check_formats(cfg.export)
+        if formats:
+            example = data.transform(next(iter(data.test.batches(64)))[0])
+            metrics["export"] = export_student(models["student"], example, run_dir, formats)
+            write_json(run_dir / "metrics.json", metrics)
+        if outputs is not None:
+            write_report(run_dir, metrics, outputs, writer)
         write_hparams(writer, metrics)
     finally:
         writer.close()
     log.info("results (%s):\n%s", run_dir / "metrics.json", summary_table(metrics))
     return float(metrics["objective"])
+
+
+def stage_report_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The evaluation numbers that metrics.json also keeps inside each stage's entry, as the contract names them."""
+    keys = ("agreement", "kl_to_teacher", "ece", "per_class_acc", "flops", "size_mb", "latency_ms_b1")
+    return (*keys, f"throughput_b{int(cfg.report.throughput_batch)}")
+
+
+def evaluation_section(
+    models: dict[str, nn.Module], data: Data, split, runtime: Runtime, run_dir: Path, cfg: DictConfig
+) -> tuple[dict[str, Any], dict]:
+    """metrics.json's ``evaluation``: every stage's saved model on ``split``, with fidelity, calibration and cost."""
+    started = time.perf_counter()
+    report, outputs = evaluate_models(models, data, split, runtime, run_dir, cfg.report, cfg.train.eval_batch_size)
+    log.info("evaluation report in %.1f s", time.perf_counter() - started)
+    section = {
+        "split": "test" if split is data.test else "val",
+        "samples": len(split),
+        "device": str(runtime.device),
+        "amp": runtime.amp,
+        "ece_bins": int(cfg.report.ece_bins),
+    }
+    return {**section, **report}, outputs
 
 
 def resumable(

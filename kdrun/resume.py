@@ -42,7 +42,8 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> bool:
     run. Returns whether there was an earlier run to continue."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*run_dir.glob(".*.tmp"), *folder.glob(".*.tmp"), run_dir / ".teacher_logits.pt"]:
+    temps = [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.*"), *folder.glob(".*.tmp")]
+    for stale in [*temps, run_dir / ".teacher_logits.pt"]:
         stale.unlink(missing_ok=True)  # written by a process that was killed before its rename
     ours = _comparable(cfg)
     recorded = folder / "config.json"

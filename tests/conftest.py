@@ -24,12 +24,15 @@ def mnist_root() -> Path:
     return SHARED_DATA
 
 
-def run_kdrun(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed ``kdrun`` console script as a user would."""
-    assert KDRUN.exists(), f"the kdrun command is not installed next to {sys.executable}: pip install -e ."
+def run_kdrun(
+    args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, command: str = "kdrun"
+) -> subprocess.CompletedProcess:
+    """Run an installed console script (``kdrun`` unless ``command`` names another) as a user would."""
+    script = KDRUN.with_name(command)
+    assert script.exists(), f"the {command} command is not installed next to {sys.executable}: pip install -e ."
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([str(KDRUN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def read_metrics(run_dir: Path) -> dict:
