@@ -50,6 +50,9 @@ def export_student(model: nn.Module, example: torch.Tensor, run_dir: Path, forma
             run = EXPORTERS[fmt](model, example, tmp)
             got, checked_with = run(example)
             tmp.replace(path)
+        except Exception as e:  # noqa: BLE001 - exporters fail in many ways; the user needs one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise KdrunError(f"export={fmt} failed ({type(e).__name__}: {reason}); the run's results are saved") from e
         finally:
             tmp.unlink(missing_ok=True)
         diff = (torch.as_tensor(got).float() - reference).abs().max().item()

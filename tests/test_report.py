@@ -187,3 +187,17 @@ def test_kdrun_eval_reevaluates_the_saved_models_on_another_split(reported_run, 
     assert (out / "report.md").is_file() and (out / "student_confusion.png").is_file()
     bad = run_kdrun([str(tmp_path / "nothing")], cwd=tmp_path, command="kdrun-eval")
     assert bad.returncode == 2 and "is not a kdrun run dir" in bad.stderr
+
+
+def test_a_failing_export_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import kdrun.export
+
+    def broken(model, example, path):
+        path.write_bytes(b"half a file")
+        raise RuntimeError("unsupported operator aten::frobnicate")
+
+    monkeypatch.setitem(kdrun.export.EXPORTERS, "pt2", broken)
+    model = build_model({"name": "mlp", "hidden": [4]}, DataSpec(3, 1, 4))
+    with pytest.raises(KdrunError, match=r"export=pt2 failed \(RuntimeError: unsupported operator aten::frobnicate\)"):
+        export_student(model, torch.randn(2, 1, 4, 4), tmp_path, ["pt2"])
+    assert os.listdir(tmp_path) == []
