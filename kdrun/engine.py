@@ -149,6 +149,7 @@ def fit(
     saved = f"its epochs 1-{done} are saved in {state_path}" if done and state_path else "no epoch of it is saved yet"
     for epoch in range(done + 1, epochs + 1):
         model.train()
+        objective.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         seen = 0
         reset_peak_memory(device)

@@ -105,3 +105,21 @@ def test_schedules_follow_their_shape(name, expect_end):
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warm-up
     assert lrs[10] == pytest.approx(1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(expect_end, abs=1e-9)
+
+
+@pytest.mark.parametrize("loss", ["dkd", "lskd"])
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])
+def test_logit_methods_run_end_to_end(tmp_path, loss, dataset, request):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["cache=off", f"loss={loss}"]
+    if dataset == "mnist":
+        root = request.getfixturevalue("mnist_root")
+        extra += ["dataset=mnist", f"dataset.root={root}", "train.teacher.max_samples=600"]
+        extra += ["train.student.max_samples=300", "train.eval_batch_size=2048", "report.enabled=false"]
+    objective = run(config(*extra), tmp_path)
+    assert 0 <= objective <= 1
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    terms = {"dkd": {"ce", "tckd", "nckd"}, "lskd": {"ce", "kd"}}[loss]
+    assert {f"student/train/{t}" for t in terms} <= set(events.Tags()["scalars"])

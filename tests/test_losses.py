@@ -79,7 +79,7 @@ def test_ce_needs_no_teacher_and_is_cross_entropy():
     assert set(terms) == {"ce"}
 
 
-@pytest.mark.parametrize("name", ["kd", "soft_ce", "mse"])
+@pytest.mark.parametrize("name", ["kd", "soft_ce", "mse", "dkd", {"name": "kd", "standardize": True}])
 def test_gradients_reach_the_student_only(name):
     torch.manual_seed(3)
     student = torch.nn.Linear(4, 10)
@@ -87,7 +87,7 @@ def test_gradients_reach_the_student_only(name):
     x, y = torch.randn(8, 4), torch.randint(0, 10, (8,))
     with torch.no_grad():
         t = teacher(x)
-    loss, _ = build_objective({"name": name}, 4.0, 0.2)(student(x), y, t)
+    loss, _ = build_objective(name if isinstance(name, dict) else {"name": name}, 4.0, 0.2)(student(x), y, t)
     loss.backward()
     assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
     assert teacher.weight.grad is None
@@ -100,5 +100,70 @@ def test_describe_spells_out_both_weights():
 def test_every_registered_loss_has_a_yaml():
     from importlib.resources import files
 
-    yamls = {p.name[:-5] for p in (files("kdrun.conf") / "loss").iterdir() if p.name.endswith(".yaml")}
-    assert set(LOSSES.names()) == yamls
+    from omegaconf import OmegaConf
+
+    folder = files("kdrun.conf") / "loss"
+    yamls = {p.name[:-5]: OmegaConf.load(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+    assert set(LOSSES.names()) <= set(yamls)  # every loss has its YAML ...
+    for option, cfg in yamls.items():  # ... and every YAML builds (lskd is kd with standardize=true)
+        assert cfg.name in LOSSES, option
+        build_objective(cfg, 4.0, 0.2)
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_dkd_terms_match_hand_computed_values():
+    s, t, y, T = [1.0, 2.0, 0.5], [3.0, 0.0, 1.0], 0, 2.0
+    ps, pt = _softmax([v / T for v in s]), _softmax([v / T for v in t])
+    tckd = _kl([pt[0], 1 - pt[0]], [ps[0], 1 - ps[0]]) * T * T
+    nckd = _kl(_softmax([t[1] / T, t[2] / T]), _softmax([s[1] / T, s[2] / T])) * T * T
+    dkd = build_objective({"name": "dkd", "tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": 0}, T, 0.3)
+    total, terms = dkd(torch.tensor([s]), torch.tensor([y]), torch.tensor([t]))
+    assert terms["tckd"].item() == pytest.approx(tckd, rel=1e-5)
+    assert terms["nckd"].item() == pytest.approx(nckd, rel=1e-5)
+    ce = -math.log(_softmax(s)[0])
+    assert total.item() == pytest.approx(0.3 * ce + 0.7 * (tckd + 8 * nckd), rel=1e-5)
+
+
+def test_dkd_decomposes_kd_as_the_paper_says():
+    # Zhao et al., eq. 7: KD = TCKD + (1 - p_t(target)) * NCKD, per sample.
+    torch.manual_seed(1)
+    for _ in range(5):
+        s, t, y = torch.randn(1, 7), torch.randn(1, 7) * 3, torch.randint(0, 7, (1,))
+        T = 3.0
+        _, kd = build_objective({"name": "kd"}, T, 0.0)(s, y, t)
+        _, terms = build_objective({"name": "dkd", "warmup_epochs": 0}, T, 0.0)(s, y, t)
+        p_target = F.softmax(t / T, 1)[0, y].item()
+        assert kd["kd"].item() == pytest.approx(terms["tckd"].item() + (1 - p_target) * terms["nckd"].item(), rel=1e-4)
+
+
+def test_dkd_warms_up_linearly():
+    dkd = build_objective({"name": "dkd", "warmup_epochs": 20}, 4.0, 0.0)
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.randint(0, 5, (4,))
+    dkd.set_epoch(20)
+    full, terms = dkd(s, y, t)
+    dkd.set_epoch(5)
+    assert dkd(s, y, t)[0].item() == pytest.approx(0.25 * full.item(), rel=1e-6)
+    dkd.set_epoch(40)
+    assert dkd(s, y, t)[0].item() == pytest.approx(full.item(), rel=1e-6)
+    assert full.item() == pytest.approx((terms["tckd"] + 8 * terms["nckd"]).item(), rel=1e-6)
+
+
+def test_logit_standardization_ignores_the_scale_and_shift_of_each_samples_logits():
+    torch.manual_seed(2)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    lskd = build_objective({"name": "kd", "standardize": True}, 2.0, 0.0)
+    scale, shift = torch.rand(6, 1) * 5 + 0.1, torch.randn(6, 1) * 10
+    a, b = lskd(s, y, t)[1]["kd"], lskd(s * scale + shift, y, t * 2 - 3)[1]["kd"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-4)
+    z = lambda v: (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True)  # noqa: E731
+    plain = build_objective({"name": "kd"}, 2.0, 0.0)(z(s), y, z(t))[1]["kd"]
+    assert a.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert build_objective({"name": "kd"}, 2.0, 0.0)(s * scale, y, t)[1]["kd"].item() != pytest.approx(a.item())
