@@ -14,6 +14,7 @@ from kdrun.data import DATASETS
 from kdrun.errors import KdrunError
 from kdrun.export import check_formats
 from kdrun.losses import LOSSES
+from kdrun.mixing import MIXES
 from kdrun.models import check_model_cfg
 from kdrun.optim import OPTIMIZERS, SCHEDULES
 from kdrun.runtime import AMP_CHOICES, CHANNELS_LAST_CHOICES
@@ -145,6 +146,9 @@ def _validate(cfg: DictConfig) -> None:
     _named("loss", cfg.loss, LOSSES.names())
     _named("optim", cfg.optim, OPTIMIZERS.names())
     _named("sched", cfg.sched, SCHEDULES.names())
+    _named("augment", cfg.augment, ["none", *MIXES.names()])
+    if cfg.augment.name != "none":
+        _number("augment.alpha", cfg.augment.get("alpha", 1.0), 0, low_open=True)
     if not isinstance(cfg.get("cache"), DictConfig):
         raise KdrunError(f"cache={cfg.get('cache')!r} is invalid; choose one of: on, off")
     _choice("cache.enabled", cfg.cache.enabled, (True, False))

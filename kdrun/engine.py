@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from kdrun.data import Data, Split
 from kdrun.errors import KdrunError
 from kdrun.losses import Objective
+from kdrun.mixing import hard_labels
 from kdrun.optim import build_optimizer, build_scheduler
 from kdrun.resume import load_training_state, save_training_state
 from kdrun.runtime import Runtime, peak_memory_mb, reset_peak_memory
@@ -97,12 +98,14 @@ def fit(
     teacher_logits: torch.Tensor | None = None,
     state_path: Path | None = None,
     max_nonfinite_steps: int = 10,
+    mix=None,
 ) -> FitResult:
     """Train ``model`` on ``data.train`` with ``objective``; validate every epoch; keep the best-val weights.
 
     The objective gets the teacher's logits for the same batch: rows of ``teacher_logits`` (the teacher's
     outputs for the whole split, in split order) picked by each batch's sample indices, or else ``teacher``
-    run on the batch in inference mode.
+    run on the batch in inference mode. ``mix`` (see ``kdrun.mixing``) mixes each batch and its labels;
+    the teacher then sees the mixed batch.
     Scalars go to ``writer`` under ``<stage>/train/<loss and each term>``, ``<stage>/val/{loss,acc}``,
     ``<stage>/lr``, ``<stage>/img_per_s`` and ``<stage>/peak_mem_mb``.
 
@@ -115,6 +118,8 @@ def fit(
     device = runtime.device
     forward = runtime.forward(runtime.prepare(model))
     objective.to(device)
+    if mix is not None and teacher_logits is not None:
+        raise ValueError(f"stage {stage}: mixed batches need the teacher online, not cached logits")
     if objective.needs_teacher:
         if teacher_logits is not None:
             if teacher_logits.shape[0] != len(data.train):
@@ -165,6 +170,8 @@ def fit(
         for step, (images, labels, idx) in enumerate(batches, 1):
             check_stop(f"in stage {stage}, epoch {epoch}, step {step}", saved)
             x = runtime.inputs(data.transform(images, train=True, generator=generator))
+            if mix is not None:
+                x, labels = mix(x, labels, data.spec.num_classes, generator)
             with runtime.autocast():
                 logits = forward(x)
             if not objective.needs_teacher:
@@ -186,7 +193,7 @@ def fit(
             n = len(labels)
             seen += n
             sums["loss"] += loss.detach() * n  # summed on the device
-            sums["correct"] += (logits.detach().argmax(1) == labels).sum()
+            sums["correct"] += (logits.detach().argmax(1) == hard_labels(labels)).sum()
             for name, value in terms.items():
                 sums[name] += value.detach() * n
         if device.type == "cuda":

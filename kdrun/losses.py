@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.mixing import hard_labels
 from kdrun.registry import Registry
 
 LOSSES = Registry("loss")
@@ -165,7 +166,7 @@ def decoupled_kd_terms(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, T: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(TCKD, NCKD) of Decoupled KD, each T^2 * KL(teacher || student), batchmean."""
-    target = F.one_hot(labels, student.shape[1]).bool()
+    target = F.one_hot(hard_labels(labels), student.shape[1]).bool()  # mixed labels: their largest share
     p_s, p_t = F.softmax(student / T, 1), F.softmax(teacher / T, 1)
     binary_s = torch.stack([p_s[target], p_s.masked_fill(target, 0).sum(1)], 1)
     binary_t = torch.stack([p_t[target], p_t.masked_fill(target, 0).sum(1)], 1)

@@ -24,6 +24,7 @@ from kdrun.errors import KdrunError
 from kdrun.evaluation import evaluate_models
 from kdrun.export import check_formats, export_student
 from kdrun.losses import CrossEntropy, Objective, build_objective
+from kdrun.mixing import build_mix
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.parallel import job_device
 from kdrun.registry import to_dict
@@ -242,7 +243,7 @@ def teacher_logits(
     cache, keyed by the teacher's identity and the data, so the runs of a sweep share one pass. With random
     augmentation (or ``train.teacher_logits=online``) the teacher runs on each batch instead.
     """
-    if cfg.train.teacher_logits == "online" or data.transform.augments:
+    if cfg.train.teacher_logits == "online" or data.transform.augments or cfg.augment.name != "none":
         return None, "online"
     split_seed = cfg.dataset.get("split_seed", 0)
     student_data = with_train_subset(data, cfg.train.student.get("max_samples"), split_seed)
@@ -302,6 +303,7 @@ def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime) -> dict[str, 
         "sched": to_dict(cfg.sched),
         "seed": int(cfg.seed),
         "amp": runtime.amp,
+        **({"augment": to_dict(cfg.augment)} if stage == "baseline" and cfg.augment.name != "none" else {}),
     }
 
 
@@ -351,6 +353,7 @@ def train_stage(
         teacher_logits,
         state_path(run_dir, stage),
         int(cfg.train.max_nonfinite_steps),
+        build_mix(cfg.augment) if stage != "teacher" else None,
     )
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
@@ -382,6 +385,7 @@ def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
         "teacher": model_name(cfg.teacher),
         "student": model_name(cfg.student),
         "loss": model_name(cfg.loss),
+        "augment": str(cfg.augment.get("name", "custom")),
         "T": float(cfg.T),
         "alpha": float(cfg.alpha),
         "seed": int(cfg.seed),

@@ -107,12 +107,21 @@ def test_schedules_follow_their_shape(name, expect_end):
     assert opt.param_groups[0]["lr"] == pytest.approx(expect_end, abs=1e-9)
 
 
-@pytest.mark.parametrize("loss", ["dkd", "lskd"])
+METHODS = {  # option -> (overrides, the student's logged loss terms)
+    "dkd": (["loss=dkd"], {"ce", "tckd", "nckd"}),
+    "lskd": (["loss=lskd"], {"ce", "kd"}),
+    "mixup": (["augment=mixup"], {"ce", "kd"}),
+    "cutmix": (["augment=cutmix"], {"ce", "kd"}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dataset", ["digits", "mnist"])
-def test_logit_methods_run_end_to_end(tmp_path, loss, dataset, request):
+def test_methods_run_end_to_end(tmp_path, method, dataset, request):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    extra = ["cache=off", f"loss={loss}"]
+    overrides, terms = METHODS[method]
+    extra = ["cache=off", *overrides]
     if dataset == "mnist":
         root = request.getfixturevalue("mnist_root")
         extra += ["dataset=mnist", f"dataset.root={root}", "train.teacher.max_samples=600"]
@@ -121,5 +130,4 @@ def test_logit_methods_run_end_to_end(tmp_path, loss, dataset, request):
     assert 0 <= objective <= 1
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    terms = {"dkd": {"ce", "tckd", "nckd"}, "lskd": {"ce", "kd"}}[loss]
     assert {f"student/train/{t}" for t in terms} <= set(events.Tags()["scalars"])
