@@ -273,7 +273,7 @@ def fit(
 def _check_nonfinite(stage: str, epoch: int, step: int, count: int, limit: int, runtime: Runtime) -> None:
     log.warning("%s epoch %d step %d: non-finite loss, step skipped (%d so far)", stage, epoch, step, count)
     if count > limit:
-        recipe = "teacher" if stage == "teacher" else "student"
+        recipe = "teacher" if stage.startswith("teacher") else "student"
         raise KdrunError(
             f"stage {stage}, epoch {epoch}, step {step}: the loss was not finite in {count} steps "
             f"(more than train.max_nonfinite_steps={limit}); likely causes: a learning rate too high for this "

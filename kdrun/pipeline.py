@@ -16,7 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, file_sha256
+from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key, file_sha256
 from kdrun.checkpoint import atomic_save, load_model, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
 from kdrun.engine import evaluate, fit, predict, with_state
@@ -158,31 +158,83 @@ def resumable(
 def teacher_stage(
     cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir: Path, cache: ArtefactCache | None
 ) -> tuple[nn.Module, dict]:
-    """Load the teacher from ``teacher.checkpoint``, or take it from the cache, or train it."""
+    """Load the teacher from ``teacher.checkpoint``, or take it from the cache, or train it (an ensemble: each
+    member so, then averaged)."""
+    if model_name(cfg.teacher) == "ensemble":
+        return ensemble_teacher(cfg, data, runtime, writer, run_dir, cache)
     if cfg.teacher.get("checkpoint"):
-        teacher = load_model(cfg.teacher.checkpoint, cfg.teacher, data.spec).to(runtime.device)
-        log.info("teacher %s loaded from %s", model_name(cfg.teacher), cfg.teacher.checkpoint)
-        val = evaluate(teacher, data.val, data, runtime, cfg.train.eval_batch_size)
-        test = evaluate(teacher, data.test, data, runtime, cfg.train.eval_batch_size)
-        save_model(run_dir / "teacher.pt", teacher, cfg.teacher, data.spec, source=str(cfg.teacher.checkpoint))
-        return teacher, {
-            "source": "checkpoint",
-            "cache_key": None,
-            "checkpoint_sha256": file_sha256(Path(cfg.teacher.checkpoint).expanduser()),
-            "model": model_name(cfg.teacher),
-            "params": count_params(teacher),
-            "test_acc": test["acc"],
-            "test_acc_best": test["acc"],
-            "val_acc_best": val["acc"],
-            "best_epoch": None,
-            "test_top5": test.get("top5"),
-            "test_top5_best": test.get("top5"),
-            "test_loss": test["loss"],
-            "epochs": 0,
-            "train_time_s": 0.0,
-            "img_per_s": None,
-        }
+        return checkpoint_stage("teacher", cfg.teacher, cfg, data, runtime, run_dir)
     return reusable_stage("teacher", cfg.teacher, cfg, data, runtime, writer, run_dir, cache)
+
+
+def checkpoint_stage(
+    name: str, model_cfg: DictConfig, cfg: DictConfig, data: Data, runtime: Runtime, run_dir: Path
+) -> tuple[nn.Module, dict]:
+    """A trained teacher read from ``model_cfg.checkpoint``, tested like a trained one, copied into the run dir."""
+    path = model_cfg.checkpoint
+    teacher = load_model(path, model_cfg, data.spec, key=f"{name}.checkpoint").to(runtime.device)
+    log.info("%s %s loaded from %s", name, model_name(model_cfg), path)
+    val = evaluate(teacher, data.val, data, runtime, cfg.train.eval_batch_size)
+    test = evaluate(teacher, data.test, data, runtime, cfg.train.eval_batch_size)
+    save_model(run_dir / f"{name}.pt", teacher, model_cfg, data.spec, source=str(path))
+    return teacher, {
+        "source": "checkpoint",
+        "cache_key": None,
+        "checkpoint_sha256": file_sha256(Path(path).expanduser()),
+        **_tested_metrics(teacher, model_cfg, val, test),
+    }
+
+
+def ensemble_teacher(
+    cfg: DictConfig, data: Data, runtime: Runtime, writer, run_dir: Path, cache: ArtefactCache | None
+) -> tuple[nn.Module, dict]:
+    """Each member trained (or loaded, or taken from the cache, as its own artefact) as ``teacher_<i>``; then
+    the ensemble of them, whose outputs average the members' softened distributions at the run's T."""
+    members, member_metrics = [], []
+    for i, member_cfg in enumerate(cfg.teacher.members, 1):
+        name = f"teacher_{i}"
+        if member_cfg.get("checkpoint"):
+            make = partial(checkpoint_stage, name, member_cfg, cfg, data, runtime, run_dir)
+        else:
+            make = partial(reusable_stage, "teacher", member_cfg, cfg, data, runtime, writer, run_dir, cache, name)
+        model, metrics = resumable(name, member_cfg, data, runtime, run_dir, make)
+        members.append(model)
+        member_metrics.append({"name": name, **metrics})
+    ensemble = build_model(cfg.teacher, data.spec, key="teacher").to(runtime.device)
+    for slot, member in zip(ensemble.members, members, strict=True):
+        slot.load_state_dict(member.state_dict())
+    val = evaluate(ensemble, data.val, data, runtime, cfg.train.eval_batch_size)
+    test = evaluate(ensemble, data.test, data, runtime, cfg.train.eval_batch_size)
+    save_model(run_dir / "teacher.pt", ensemble, cfg.teacher, data.spec)
+    identities = [m.get("cache_key") or m.get("checkpoint_sha256") for m in member_metrics]
+    log.info("teacher: ensemble of %d, test acc %.2f%%", len(members), 100 * test["acc"])
+    return ensemble, {
+        "source": "ensemble",
+        "cache_key": None,
+        # What the teacher-logits cache keys on: the members and the temperature of the average.
+        "ensemble_key": cache_key({"members": identities, "T": float(cfg.T)}) if all(identities) else None,
+        "members": member_metrics,
+        **_tested_metrics(ensemble, cfg.teacher, val, test),
+        "train_time_s": sum(m["train_time_s"] for m in member_metrics),
+    }
+
+
+def _tested_metrics(model: nn.Module, model_cfg: DictConfig, val: dict, test: dict) -> dict[str, Any]:
+    """The metrics.json entry of a teacher that was not trained in this stage (loaded, or an ensemble)."""
+    return {
+        "model": model_name(model_cfg),
+        "params": count_params(model),
+        "test_acc": test["acc"],
+        "test_acc_best": test["acc"],
+        "val_acc_best": val["acc"],
+        "best_epoch": None,
+        "test_top5": test.get("top5"),
+        "test_top5_best": test.get("top5"),
+        "test_loss": test["loss"],
+        "epochs": 0,
+        "train_time_s": 0.0,
+        "img_per_s": None,
+    }
 
 
 def reusable_stage(
@@ -194,31 +246,34 @@ def reusable_stage(
     writer,
     run_dir: Path,
     cache: ArtefactCache | None,
+    name: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """The teacher and the baseline depend on neither T nor alpha: every run of a sweep shares one of each.
 
     They come from the artefact cache when an entry with the same key exists; otherwise this job trains and
-    caches them while parallel jobs wanting the same key wait, then reuse it.
+    caches them while parallel jobs wanting the same key wait, then reuse it. ``name`` (default ``stage``)
+    names the run-dir files and TensorBoard tags, e.g. ``teacher_2`` for an ensemble member.
     """
-    train = partial(train_stage, stage, model_cfg, CrossEntropy(), cfg, data, runtime, writer, run_dir)
+    name = name or stage
+    train = partial(train_stage, stage, model_cfg, CrossEntropy(), cfg, data, runtime, writer, run_dir, name=name)
     if cache is None:
         return train()
     trained: list[tuple[nn.Module, dict]] = []
 
     def build() -> tuple[Path, dict]:
         trained.append(train())
-        return run_dir / f"{stage}.pt", trained[0][1]
+        return run_dir / f"{name}.pt", trained[0][1]
 
-    entry, hit = cache.fetch_or_build(stage, artefact_fields(stage, cfg, runtime), build)
+    entry, hit = cache.fetch_or_build(stage, artefact_fields(stage, cfg, runtime, model_cfg), build)
     if not hit:
         model, metrics = trained[0]
         return model, {**metrics, "cache_key": entry.key}
     model = load_model(entry.model_path, model_cfg, data.spec, key=f"cache entry {entry.dir}").to(runtime.device)
-    _link_or_skip(entry.model_path, run_dir / f"{stage}.pt")
+    _link_or_skip(entry.model_path, run_dir / f"{name}.pt")
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
     log.info(
         "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
-        stage,
+        name,
         model_name(model_cfg),
         entry.key,
         entry.meta.get("created"),
@@ -255,7 +310,11 @@ def teacher_logits(
         log.info("teacher logits for %d training images in %.1f s", len(split), time.perf_counter() - started)
         return logits, labels
 
-    identity = teacher_metrics.get("cache_key") or teacher_metrics.get("checkpoint_sha256")
+    identity = (
+        teacher_metrics.get("cache_key")
+        or teacher_metrics.get("checkpoint_sha256")
+        or teacher_metrics.get("ensemble_key")
+    )
     if cache is None or identity is None:
         return compute()[0], "cached in memory"
     fields = {
@@ -286,13 +345,14 @@ def teacher_logits(
     return stored["logits"].to(runtime.device), f"cached ({entry.key})"
 
 
-def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
+def artefact_fields(stage: str, cfg: DictConfig, runtime: Runtime, model_cfg: Any = None) -> dict[str, Any]:
     """Everything that determines a trained teacher or baseline, and nothing else: the key of its cache entry.
 
     Not T, alpha or the loss (they only shape the distilled student), nor where the data lives, the device
     or the evaluation batch size.
     """
-    model_cfg, recipe = (cfg.teacher, cfg.train.teacher) if stage == "teacher" else (cfg.student, cfg.train.student)
+    default_cfg, recipe = (cfg.teacher, cfg.train.teacher) if stage == "teacher" else (cfg.student, cfg.train.student)
+    model_cfg = default_cfg if model_cfg is None else model_cfg
     return {
         "code": TRAINING_CODE_VERSION,
         "objective": "ce",
@@ -318,19 +378,21 @@ def train_stage(
     run_dir: Path,
     teacher: nn.Module | None = None,
     teacher_logits: torch.Tensor | None = None,
+    name: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Build, train and test one model; return its best-validation version and its metrics.json entry.
 
     The baseline and the distilled student are built and shuffled from the same seed, so they start from
     the same weights and see the same batches: the only difference is the objective.
     """
+    name = name or stage
     recipe = cfg.train.teacher if stage == "teacher" else cfg.train.student
     data = with_train_subset(data, recipe.get("max_samples"), cfg.dataset.get("split_seed", 0))
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, data.spec, key=stage if stage != "baseline" else "student")
     log.info(
         "%s: %s, %.3fM parameters, %d epochs, batch %d, lr %g",
-        stage,
+        name,
         model_name(model_cfg),
         count_params(model) / 1e6,
         recipe.epochs,
@@ -338,7 +400,7 @@ def train_stage(
         recipe.lr,
     )
     result = fit(
-        stage,
+        name,
         model,
         objective,
         data,
@@ -351,14 +413,14 @@ def train_stage(
         teacher,
         cfg.train.eval_batch_size,
         teacher_logits,
-        state_path(run_dir, stage),
+        state_path(run_dir, name),
         int(cfg.train.max_nonfinite_steps),
         build_mix(cfg.augment) if stage != "teacher" else None,
     )
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
     best_test = evaluate(best, data.test, data, runtime, cfg.train.eval_batch_size)
-    save_model(run_dir / f"{stage}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
+    save_model(run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
     return best, {
         "source": "trained",
         "cache_key": None,

@@ -15,9 +15,11 @@ CATALOGUE = sorted(p.name[:-5] for p in (files("kdrun.conf") / "model").iterdir(
 
 
 def option(name: str) -> dict:
-    import yaml
+    """The option's YAML, with the run-level interpolations (the ensemble's ${T}) resolved."""
+    from omegaconf import OmegaConf
 
-    return yaml.safe_load((files("kdrun.conf") / "model" / f"{name}.yaml").read_text())
+    raw = OmegaConf.load(str(files("kdrun.conf") / "model" / f"{name}.yaml"))
+    return OmegaConf.to_container(OmegaConf.create({"T": 4.0, "model": raw}), resolve=True)["model"]
 
 
 def test_teacher_and_student_groups_share_the_catalogue():

@@ -70,6 +70,14 @@ def check_model_cfg(cfg: Any, key: str = "model") -> None:
         )
     if arch.get("stem", "auto") not in STEMS:
         raise KdrunError(f"{key}.stem={arch['stem']!r} is invalid; choose one of: {', '.join(STEMS)}")
+    if name == "ensemble":
+        if key == "student":
+            raise KdrunError("student=ensemble is not supported: an ensemble can only be the teacher")
+        members = arch.get("members")
+        if not isinstance(members, (list, tuple)) or len(members) < 2:
+            raise KdrunError(f"teacher.members must list at least 2 teacher configs, got {members!r}")
+        for i, member in enumerate(members):
+            check_model_cfg(member, f"teacher.members[{i}]")
     if name in MODELS:
         sizes = ("num_classes", "in_channels", "image_size")
         options = [p for p in inspect.signature(MODELS.get(name)).parameters if p not in sizes]
@@ -85,4 +93,4 @@ def count_params(model: nn.Module) -> int:
 
 
 # Importing the families registers them.
-from kdrun.models import cifar_resnet, small, torchvision_models, wrn  # noqa: E402, F401
+from kdrun.models import cifar_resnet, ensemble, small, torchvision_models, wrn  # noqa: E402, F401

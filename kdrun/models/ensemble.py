@@ -1,0 +1,34 @@
+"""A multi-teacher ensemble: the members' softened outputs averaged, as one teacher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdrun.data import DataSpec
+from kdrun.errors import KdrunError
+from kdrun.models import MODELS, build_model
+
+
+@MODELS.register("ensemble")
+class Ensemble(nn.Module):
+    """Returns ``T * log(mean_i softmax(m_i(x) / T))``: its softmax at temperature T is exactly the members'
+    averaged softened distribution, so every logit-based loss distils from the average (Hinton et al. 2015)."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int, image_size: int, members: list[Any], temperature: float = 1.0
+    ):
+        super().__init__()
+        if not isinstance(members, (list, tuple)) or len(members) < 2:
+            raise KdrunError(f"teacher.members must list at least 2 teacher configs, got {members!r}")
+        spec = DataSpec(num_classes, in_channels, image_size)
+        self.members = nn.ModuleList(build_model(m, spec, key=f"teacher.members[{i}]") for i, m in enumerate(members))
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        probs = torch.stack([F.softmax(member(x).float() / T, 1) for member in self.members]).mean(0)
+        return T * probs.clamp_min(1e-12).log()
