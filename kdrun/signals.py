@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kdrun.errors import KdrunError
-
-log = logging.getLogger(__name__)
 
 _requested: int | None = None
 
@@ -38,11 +35,11 @@ def stop_on_signals() -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def request_stop(signum, frame):
+        # No logging here: the signal may arrive while the main thread is inside the log handler's write.
         global _requested
         _requested = signum
         for s, handler in previous.items():
             signal.signal(s, handler)
-        log.warning("%s received: stopping after the current step (send it again to stop now)", _name(signum))
 
     for s in previous:
         signal.signal(s, request_stop)
