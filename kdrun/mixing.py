@@ -29,14 +29,18 @@ def _soft(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return labels.float() if labels.ndim == 2 else F.one_hot(labels, num_classes).float()
 
 
-@MIXES.register("mixup")
-class MixUp:
-    """Zhang et al. 2018: ``lam * x + (1 - lam) * x[perm]``, lam ~ Beta(alpha, alpha), labels mixed alike."""
+class _Mix:
+    """A batch mixing with mixing weights drawn from Beta(alpha, alpha)."""
 
     def __init__(self, alpha: float = 1.0):
         if not alpha > 0:
             raise ValueError(f"augment.alpha={alpha} must be > 0")
         self.alpha = float(alpha)
+
+
+@MIXES.register("mixup")
+class MixUp(_Mix):
+    """Zhang et al. 2018: ``lam * x + (1 - lam) * x[perm]``, lam ~ Beta(alpha, alpha), labels mixed alike."""
 
     def __call__(self, x, labels, num_classes: int, generator=None):
         lam = _beta(self.alpha, generator)
@@ -46,13 +50,8 @@ class MixUp:
 
 
 @MIXES.register("cutmix")
-class CutMix:
+class CutMix(_Mix):
     """Yun et al. 2019: a box of the partner image pasted in; labels mixed by the box's share of the area."""
-
-    def __init__(self, alpha: float = 1.0):
-        if not alpha > 0:
-            raise ValueError(f"augment.alpha={alpha} must be > 0")
-        self.alpha = float(alpha)
 
     def __call__(self, x, labels, num_classes: int, generator=None):
         lam = _beta(self.alpha, generator)
