@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from kdrun.data import DATASETS
@@ -43,6 +43,12 @@ def _number(key: str, value: Any, low: float | None = None, high: float | None =
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(key, value, "must be an integer > 0")
+    return value
+
+
+def _nonnegative_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "must be an integer >= 0")
     return value
 
 
@@ -90,8 +96,7 @@ def _validate(cfg: DictConfig) -> None:
         raise KdrunError(f"{missing[0]} is required but not set; add {missing[0]}=<value> to the command")
     _number("T", cfg.T, 0, low_open=True)
     _number("alpha", cfg.alpha, 0, 1)
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise _fail("seed", cfg.seed, "must be an integer >= 0")
+    _nonnegative_int("seed", cfg.seed)
     if not DEVICE_PATTERN.match(str(cfg.device)):
         raise KdrunError(f"device={cfg.device!r} is invalid; choose one of: auto, cpu, cuda, cuda:N, mps")
     _choice("amp", cfg.amp, AMP_CHOICES)
@@ -104,9 +109,7 @@ def _validate(cfg: DictConfig) -> None:
         _positive_int(f"train.{stage}.batch_size", node.batch_size)
         _number(f"train.{stage}.lr", node.lr, 0, low_open=True)
     _positive_int("train.eval_batch_size", cfg.train.eval_batch_size)
-    steps = cfg.train.get("max_nonfinite_steps", 10)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise _fail("train.max_nonfinite_steps", steps, "must be an integer >= 0")
+    _nonnegative_int("train.max_nonfinite_steps", cfg.train.get("max_nonfinite_steps", 10))
     _choice("train.progress", cfg.train.progress, ("auto", True, False))
     _choice("train.teacher_logits", cfg.train.get("teacher_logits", "auto"), ("auto", "online"))
 
@@ -140,9 +143,8 @@ def _validate(cfg: DictConfig) -> None:
     _choice("report.enabled", report.enabled, (True, False))
     for key in ("ece_bins", "latency_repeats", "throughput_batch"):
         _positive_int(f"report.{key}", report[key])
-    if isinstance(report.warmup, bool) or not isinstance(report.warmup, int) or report.warmup < 0:
-        raise _fail("report.warmup", report.warmup, "must be an integer >= 0")
-    check_formats(OmegaConf.to_container(cfg.export) if isinstance(cfg.export, ListConfig) else cfg.export)
+    _nonnegative_int("report.warmup", report.warmup)
+    check_formats(cfg.export)
     _named("loss", cfg.loss, LOSSES.names())
     _named("optim", cfg.optim, OPTIMIZERS.names())
     _named("sched", cfg.sched, SCHEDULES.names())

@@ -14,6 +14,7 @@ from kdrun.checkpoint import load_model
 from kdrun.data import build_data
 from kdrun.errors import KdrunError
 from kdrun.evaluation import evaluate_models
+from kdrun.pipeline import run_config
 from kdrun.report import write_json, write_report
 from kdrun.runtime import AMP_CHOICES, resolve_runtime
 
@@ -41,32 +42,15 @@ def evaluate_run(
         stage: load_model(run_dir / f"{stage}.pt", cfg.teacher if stage == "teacher" else cfg.student, data.spec)
         for stage in stages
     }
-    chosen = {"test": data.test, "val": data.val}[split]
-    report, outputs = evaluate_models(models, data, chosen, runtime, run_dir, cfg.report, cfg.train.eval_batch_size)
-    section = {"split": split, "samples": len(chosen), "device": str(runtime.device), "amp": runtime.amp}
-    evaluation = {**section, "ece_bins": int(cfg.report.ece_bins), **report}
+    evaluation, outputs = evaluate_models(models, data, split, runtime, run_dir, cfg.report, cfg.train.eval_batch_size)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    metrics = {"config": metrics.get("config") or _config(cfg), "evaluation": evaluation}
+    metrics = {"config": metrics.get("config") or run_config(cfg, runtime), "evaluation": evaluation}
     out = out or run_dir / f"eval-{split}-{runtime.device.type}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evaluation.json", metrics)
     write_report(out, metrics, outputs)
     return out
-
-
-def _config(cfg) -> dict:
-    from kdrun.models import model_name
-
-    return {
-        "dataset": cfg.dataset.name,
-        "teacher": model_name(cfg.teacher),
-        "student": model_name(cfg.student),
-        "loss": model_name(cfg.loss),
-        "T": cfg.T,
-        "alpha": cfg.alpha,
-        "seed": cfg.seed,
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -125,16 +125,24 @@ def cost_metrics(
 def evaluate_models(
     models: dict[str, nn.Module],
     data: Data,
-    split: Split,
+    split_name: str,
     runtime: Runtime,
     run_dir: Path,
     cfg: Any,
     eval_batch_size: int,
 ) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The report of ``models`` (teacher, baseline, student) on ``split``; also each model's (logits, labels)."""
+    """metrics.json's ``evaluation``: ``models`` (teacher, baseline, student) on the ``split_name`` split (test or
+    val), with where it ran; also each model's (logits, labels)."""
+    split: Split = {"test": data.test, "val": data.val}[split_name]
     outputs = {stage: predict(model, split, data, runtime, eval_batch_size) for stage, model in models.items()}
     teacher_logits = outputs["teacher"][0] if "teacher" in outputs else None
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {
+        "split": split_name,
+        "samples": len(split),
+        "device": str(runtime.device),
+        "amp": runtime.amp,
+        "ece_bins": int(cfg.ece_bins),
+    }
     for stage, model in models.items():
         logits, labels = outputs[stage]
         report[stage] = {

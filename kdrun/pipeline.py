@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key, file_sha256
-from kdrun.checkpoint import atomic_save, load_model, save_model
+from kdrun.checkpoint import atomic_save, load_model, read_state, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
 from kdrun.engine import evaluate, fit, predict, with_state
 from kdrun.errors import KdrunError
@@ -97,7 +97,11 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         metrics = assemble(run_config(cfg, runtime), stages)
         outputs = None
         if cfg.report.enabled:
-            metrics["evaluation"], outputs = evaluation_section(models, data, data.test, runtime, run_dir, cfg)
+            started = time.perf_counter()
+            metrics["evaluation"], outputs = evaluate_models(
+                models, data, "test", runtime, run_dir, cfg.report, cfg.train.eval_batch_size
+            )
+            log.info("evaluation report in %.1f s", time.perf_counter() - started)
             for stage in models:  # the output contract's per-stage keys (of the saved, best-validation model)
                 metrics[stage].update({k: metrics["evaluation"][stage][k] for k in stage_report_keys(cfg)})
         write_json(run_dir / "metrics.json", metrics)  # before the export, which may fail: nothing is lost
@@ -119,23 +123,6 @@ def stage_report_keys(cfg: DictConfig) -> tuple[str, ...]:
     """The evaluation numbers that metrics.json also keeps inside each stage's entry, as the contract names them."""
     keys = ("agreement", "kl_to_teacher", "ece", "per_class_acc", "flops", "size_mb", "latency_ms_b1")
     return (*keys, f"throughput_b{int(cfg.report.throughput_batch)}")
-
-
-def evaluation_section(
-    models: dict[str, nn.Module], data: Data, split, runtime: Runtime, run_dir: Path, cfg: DictConfig
-) -> tuple[dict[str, Any], dict]:
-    """metrics.json's ``evaluation``: every stage's saved model on ``split``, with fidelity, calibration and cost."""
-    started = time.perf_counter()
-    report, outputs = evaluate_models(models, data, split, runtime, run_dir, cfg.report, cfg.train.eval_batch_size)
-    log.info("evaluation report in %.1f s", time.perf_counter() - started)
-    section = {
-        "split": "test" if split is data.test else "val",
-        "samples": len(split),
-        "device": str(runtime.device),
-        "amp": runtime.amp,
-        "ece_bins": int(cfg.report.ece_bins),
-    }
-    return {**section, **report}, outputs
 
 
 def resumable(
@@ -336,7 +323,7 @@ def teacher_logits(
         entry, _ = cache.fetch_or_build("teacher_logits", fields, build)
     finally:
         tmp.unlink(missing_ok=True)
-    stored = torch.load(entry.model_path, map_location="cpu", weights_only=True)  # checksum-verified by the cache
+    stored = read_state(entry.model_path, f"cache entry {entry.dir}")  # checksum-verified by the cache
     labels = getattr(split, "labels", None)  # in-memory splits: check the rows are this run's samples, in order
     if stored["logits"].shape[0] != len(split) or (
         labels is not None and not torch.equal(stored["labels"], labels.cpu())

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.checkpoint import atomic_save, read_state
 from kdrun.errors import KdrunError
+from kdrun.report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> bool:
                 f"resume it with its own settings (kdrun resume={run_dir}) or choose another hydra.run.dir"
             )
         return True
-    _write_json(recorded, ours)
+    write_json(recorded, ours)
     return False
 
 
@@ -70,7 +71,7 @@ def finished_stage(run_dir: Path, stage: str) -> dict[str, Any] | None:
 
 def record_stage(run_dir: Path, stage: str, metrics: dict[str, Any]) -> None:
     """Mark ``stage`` finished; its epoch checkpoint is no longer needed."""
-    _write_json(checkpoint_dir(run_dir) / f"{stage}.json", metrics)
+    write_json(checkpoint_dir(run_dir) / f"{stage}.json", metrics)
     state_path(run_dir, stage).unlink(missing_ok=True)
 
 
@@ -126,9 +127,3 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, A
             if old.get(key) != new.get(key):
                 return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
     return prefix.rstrip(".") or "config", old, new
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.data import DataSpec
-from kdrun.errors import KdrunError
 from kdrun.models import MODELS, build_model
 
 
@@ -21,9 +20,7 @@ class Ensemble(nn.Module):
     def __init__(
         self, num_classes: int, in_channels: int, image_size: int, members: list[Any], temperature: float = 1.0
     ):
-        super().__init__()
-        if not isinstance(members, (list, tuple)) or len(members) < 2:
-            raise KdrunError(f"teacher.members must list at least 2 teacher configs, got {members!r}")
+        super().__init__()  # check_model_cfg has checked the members (build_model runs it first)
         spec = DataSpec(num_classes, in_channels, image_size)
         self.members = nn.ModuleList(build_model(m, spec, key=f"teacher.members[{i}]") for i, m in enumerate(members))
         self.temperature = float(temperature)
