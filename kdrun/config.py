@@ -13,7 +13,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from kdrun.data import DATASETS
 from kdrun.errors import KdrunError
 from kdrun.export import check_formats
-from kdrun.losses import LOSSES
+from kdrun.losses import LOSSES, build_objective
 from kdrun.mixing import MIXES
 from kdrun.models import check_model_cfg
 from kdrun.optim import OPTIMIZERS, SCHEDULES
@@ -146,6 +146,7 @@ def _validate(cfg: DictConfig) -> None:
     _nonnegative_int("report.warmup", report.warmup)
     check_formats(cfg.export)
     _named("loss", cfg.loss, LOSSES.names())
+    build_objective(cfg.loss, cfg.T, cfg.alpha)  # unknown or invalid loss options fail here, before any training
     _named("optim", cfg.optim, OPTIMIZERS.names())
     _named("sched", cfg.sched, SCHEDULES.names())
     _named("augment", cfg.augment, ["none", *MIXES.names()])

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from kdrun.data import Data, Split
 from kdrun.errors import KdrunError
+from kdrun.features import FeatureTap
 from kdrun.losses import Objective
 from kdrun.mixing import hard_labels
 from kdrun.optim import build_optimizer, build_scheduler
@@ -59,11 +60,16 @@ def predict(
     return torch.cat(logits), torch.cat(labels)
 
 
-def teacher_outputs(teacher: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """The frozen teacher's float32 logits for a batch, in inference mode (no autograd bookkeeping at all)."""
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor, runtime: Runtime):
+    """The frozen teacher's float32 logits for a batch, in inference mode (no autograd bookkeeping at all);
+    for a ``FeatureTap``, ``(logits, [features])``."""
     with torch.inference_mode(), runtime.autocast():
-        out = runtime.forward(teacher)(x).float()
-    return out.clone()  # a normal tensor again: inference tensors cannot take part in the student's backward
+        out = runtime.forward(teacher)(x)
+    # Normal tensors again: inference tensors cannot take part in the student's backward.
+    if isinstance(out, tuple):
+        logits, features = out
+        return logits.float().clone(), [f.clone() for f in features]
+    return out.float().clone()
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -116,10 +122,21 @@ def fit(
     """
     epochs, batch_size = int(train_cfg.epochs), int(train_cfg.batch_size)
     device = runtime.device
-    forward = runtime.forward(runtime.prepare(model))
-    objective.to(device)
+    student_net = runtime.prepare(model)
     if mix is not None and teacher_logits is not None:
         raise ValueError(f"stage {stage}: mixed batches need the teacher online, not cached logits")
+    if objective.uses_features:
+        if teacher is None or teacher_logits is not None:
+            raise ValueError(f"stage {stage}: a feature loss needs the teacher online, not cached logits")
+        runtime.prepare(teacher).eval()
+        spec = data.spec
+        example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
+        objective.bind(model, teacher, runtime.inputs(example))  # resolves the layers, builds any adapter
+        log.info("%s: %s", stage, objective.describe())
+        student_net = FeatureTap(model, objective.student_layers)
+        teacher = FeatureTap(teacher, objective.teacher_layers)
+    forward = runtime.forward(student_net)
+    objective.to(device)
     if objective.needs_teacher:
         if teacher_logits is not None:
             if teacher_logits.shape[0] != len(data.train):
@@ -143,6 +160,7 @@ def fit(
         if state["stage"] != stage or state["epoch"] > epochs:
             raise KdrunError(f"{state_path} holds {state['stage']} epoch {state['epoch']}, not a state of {stage}")
         model.load_state_dict(state["model"])
+        objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -180,7 +198,11 @@ def fit(
                 targets = teacher_logits[idx]  # by sample index, never by batch position
             else:
                 targets = teacher_outputs(teacher, x, runtime)
-            loss, terms = objective(logits, labels, targets)
+            if objective.uses_features:
+                (logits, student_features), (targets, teacher_features) = logits, targets
+                loss, terms = objective(logits, labels, targets, student_features, teacher_features)
+            else:
+                loss, terms = objective(logits, labels, targets)
             if not torch.isfinite(loss):
                 nonfinite += 1
                 _check_nonfinite(stage, epoch, step, nonfinite, max_nonfinite_steps, runtime)
@@ -243,6 +265,7 @@ def fit(
                     "stage": stage,
                     "epoch": epoch,
                     "model": model.state_dict(),
+                    "objective": objective.state_dict(),  # e.g. FitNet's adapters
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),

@@ -28,6 +28,7 @@ class Objective(nn.Module):
     """Base class: ``needs_teacher`` says whether the engine must supply teacher logits."""
 
     needs_teacher = True
+    uses_features = False  # True: also gets both models' features at named layers (see kdrun.feature_losses)
 
     def __init__(self, T: float = 4.0, alpha: float = 0.2):
         super().__init__()
@@ -203,3 +204,7 @@ class LogitMSE(_HardSoft):
 def build_objective(cfg: Any, T: float, alpha: float) -> Objective:
     """The objective that the ``loss`` config node names, with the run's T and alpha."""
     return LOSSES.build(cfg, "loss", T=T, alpha=alpha)
+
+
+# Importing it registers the feature losses (fitnet, at, rkd).
+from kdrun import feature_losses  # noqa: E402, F401

@@ -65,6 +65,7 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         runtime.channels_last,
         runtime.compile,
     )
+    check_feature_taps(cfg, data)
     cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
     writer = SummaryWriter(str(run_dir / "tb"))
     stages: dict[str, dict[str, Any]] = {}
@@ -87,7 +88,10 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         def distil() -> tuple[nn.Module, dict]:
             objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
             log.info("distillation loss %s: %s", model_name(cfg.loss), objective.describe())
-            logits, how = teacher_logits(cfg, data, runtime, teacher, stages["teacher"], run_dir, cache)
+            if objective.uses_features:  # the teacher's features too: it runs on every batch
+                logits, how = None, "online"
+            else:
+                logits, how = teacher_logits(cfg, data, runtime, teacher, stages["teacher"], run_dir, cache)
             student, metrics = train_stage(
                 "student", cfg.student, objective, cfg, data, runtime, writer, run_dir, teacher, logits
             )
@@ -117,6 +121,19 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         writer.close()
     log.info("results (%s):\n%s", run_dir / "metrics.json", summary_table(metrics))
     return float(metrics["objective"])
+
+
+def check_feature_taps(cfg: DictConfig, data: Data) -> None:
+    """A feature loss's layers, checked on freshly built models before any training: a wrong layer name or an
+    untappable model fails in seconds, not after the teacher has trained."""
+    objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
+    if not objective.uses_features:
+        return
+    spec = data.spec
+    with torch.random.fork_rng(devices=[]):  # leave the run's random state as it was
+        student = build_model(cfg.student, spec, key="student")
+        teacher = build_model(cfg.teacher, spec, key="teacher")
+        objective.bind(student, teacher, torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size))
 
 
 def stage_report_keys(cfg: DictConfig) -> tuple[str, ...]:

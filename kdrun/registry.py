@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -52,7 +53,17 @@ class Registry:
         name = kwargs.pop("name", None)
         if name is None:
             raise KdrunError(f"{key or self.kind} needs a 'name' (one of: {', '.join(self.names())}) or a '_target_'")
-        return self.get(name, f"{key}.name" if key else None)(**kwargs, **extra)
+        builder = self.get(name, f"{key}.name" if key else None)
+        params = inspect.signature(builder).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            options = [n for n, p in params.items() if n not in extra and p.kind is not p.VAR_POSITIONAL]
+            unknown = sorted(k for k in kwargs if k not in options)
+            if unknown:
+                raise KdrunError(
+                    f"{key or self.kind}.{unknown[0]} is not an option of {name}; "
+                    f"its options are: {', '.join(options) or 'none'}"
+                )
+        return builder(**kwargs, **extra)
 
 
 def to_dict(cfg: Mapping | DictConfig | None) -> dict[str, Any]:

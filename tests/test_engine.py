@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from kdrun.data import build_data
+from kdrun.data import DataSpec, build_data
 from kdrun.engine import fit
 from kdrun.errors import KdrunError
 from kdrun.losses import CrossEntropy, build_objective
@@ -112,6 +112,9 @@ METHODS = {  # option -> (overrides, the student's logged loss terms)
     "lskd": (["loss=lskd"], {"ce", "kd"}),
     "mixup": (["augment=mixup"], {"ce", "kd"}),
     "cutmix": (["augment=cutmix"], {"ce", "kd"}),
+    "fitnet": (["loss=fitnet"], {"ce", "kd", "hint"}),
+    "at": (["loss=at"], {"ce", "kd", "at"}),
+    "rkd": (["loss=rkd"], {"ce", "kd", "rkd_distance", "rkd_angle"}),
 }
 
 
@@ -131,3 +134,7 @@ def test_methods_run_end_to_end(tmp_path, method, dataset, request):
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert {f"student/train/{t}" for t in terms} <= set(events.Tags()["scalars"])
+    # Only the student's own weights are saved: a FitNet adapter is needed for training, not for using the student.
+    saved = torch.load(tmp_path / "student.pt", weights_only=True)
+    spec = DataSpec(saved["num_classes"], saved["in_channels"], saved["image_size"])
+    assert set(saved["state_dict"]) == set(build_model(config(*extra).student, spec).state_dict())

@@ -17,7 +17,7 @@ import kdrun.engine
 from kdrun.data import build_data
 from kdrun.engine import fit
 from kdrun.errors import KdrunError
-from kdrun.losses import CrossEntropy
+from kdrun.losses import CrossEntropy, build_objective
 from kdrun.models import build_model
 from kdrun.runtime import Runtime
 from kdrun.signals import Interrupted
@@ -135,19 +135,25 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert f"kdrun: error: {run_dir} holds a run with other settings (T: 4.0 there, 2 now)" in other.stderr
 
 
-def test_fit_resumed_from_its_epoch_state_equals_the_uninterrupted_fit(tmp_path):
+@pytest.mark.parametrize("loss", ["ce", "fitnet"])  # fitnet: its adapter is part of the training state
+def test_fit_resumed_from_its_epoch_state_equals_the_uninterrupted_fit(tmp_path, loss):
     data = build_data({"name": "digits", "val_fraction": 0.2})
     recipe = OmegaConf.create({"epochs": 4, "batch_size": 64, "lr": 0.05})
     optim, sched = OmegaConf.create({"name": "sgd", "momentum": 0.9}), OmegaConf.create({"name": "cosine"})
     cnn = {"name": "small_cnn", "channels": [8, 16], "hidden": 32, "dropout": 0.3}  # dropout: the torch RNG counts
 
+    torch.manual_seed(1)
+    teacher = build_model({"name": "small_cnn", "channels": [8, 8], "hidden": 16}, data.spec) if loss != "ce" else None
+
     def train(epochs, state=None):
         torch.manual_seed(0)
         model = build_model(cnn, data.spec)
         recipe_n = OmegaConf.merge(recipe, {"epochs": epochs})
-        return fit("s", model, CrossEntropy(), data, recipe_n, optim, sched, CPU, 0, state_path=state)
+        objective = build_objective({"name": loss}, 4.0, 0.5)
+        result = fit("s", model, objective, data, recipe_n, optim, sched, CPU, 0, teacher=teacher, state_path=state)
+        return result, objective
 
-    whole = train(4)
+    whole, whole_objective = train(4)
     state = tmp_path / "s.state.pt"
 
     def stop_in_epoch_3(where, saved):
@@ -159,11 +165,14 @@ def test_fit_resumed_from_its_epoch_state_equals_the_uninterrupted_fit(tmp_path)
         with pytest.raises(Interrupted, match="its epochs 1-2 are saved in"):
             train(4, state)
     torch.manual_seed(123)  # whatever the process did meanwhile
-    resumed = train(4, state)
+    resumed, resumed_objective = train(4, state)
     assert [r["train/loss"] for r in resumed.history] == [r["train/loss"] for r in whole.history]
     assert [r["val/acc"] for r in resumed.history] == [r["val/acc"] for r in whole.history]
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+    for k, v in whole_objective.state_dict().items():
+        assert torch.equal(v, resumed_objective.state_dict()[k]), k
+    assert (len(whole_objective.state_dict()) > 0) == (loss == "fitnet")
     assert resumed.best_epoch == whole.best_epoch
 
 

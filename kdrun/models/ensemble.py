@@ -25,6 +25,15 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(build_model(m, spec, key=f"teacher.members[{i}]") for i, m in enumerate(members))
         self.temperature = float(temperature)
 
+    def default_taps(self, example: torch.Tensor):
+        """None to choose from (see ``kdrun.features``): the members' layers are not one network's stages."""
+        from kdrun.errors import KdrunError
+
+        raise KdrunError(
+            "teacher=ensemble has no default feature taps: name one member's layers with loss.teacher_layers, "
+            "e.g. loss.teacher_layers=[members.0.layer3]"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self.temperature
         probs = torch.stack([F.softmax(member(x).float() / T, 1) for member in self.members]).mean(0)
