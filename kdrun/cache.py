@@ -90,6 +90,14 @@ class ArtefactCache:
             log.info("cached %s %s (%s)", kind, key, entry.dir)
             return entry, False
 
+    def lookup(self, kind: str, fields: Mapping[str, Any]) -> Entry | None:
+        """The verified entry for ``fields``, or None; builds nothing."""
+        key = cache_key(fields)
+        folder = self.root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / f"{key}.lock", f"{kind} {key}"):
+            return self._verified(kind, key)
+
     def entries(self, kind: str) -> list[Entry]:
         """The complete, verified entries of one kind."""
         folder = self.root / kind

@@ -13,6 +13,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kdrun import distributed
 from kdrun.callbacks import take_sweep_failure
 from kdrun.errors import KdrunError
 from kdrun.signals import Interrupted
@@ -82,6 +83,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them itself
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
+        if distributed.init_from_env().world > 1:  # started by torchrun: one run, several processes
+            sys.argv[1:] = distributed.hydra_overrides(sys.argv[1:])
         hydra_main()
     except (KdrunError, HydraException, OmegaConfBaseException) as e:
         if full_traceback:
@@ -97,6 +100,8 @@ def main() -> None:
         mark = e.problem_mark
         where = f"{mark.name}, line {mark.line + 1}" if mark else "a config file"
         _fail(KdrunError(f"{where} is not valid YAML: {e.problem or e.context}"))
+    finally:
+        distributed.shutdown()
     failure = take_sweep_failure()
     if failure is not None:
         _fail(failure)

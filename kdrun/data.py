@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdrun.errors import KdrunError
 from kdrun.registry import Registry, to_dict
@@ -34,10 +34,28 @@ class DataSpec:
     image_size: int
 
 
-def _num_batches(n: int, batch_size: int, shuffle: bool) -> int:
-    """Batches per pass; a shuffled (training) pass drops a last batch of one sample, as ``batches`` does."""
+def _num_batches(n: int, batch_size: int, shuffle: bool, world: int = 1) -> int:
+    """Batches per pass; a shuffled (training) pass drops a last batch too small to give every rank two samples,
+    as ``batch_indices`` does (one sample breaks BatchNorm)."""
     full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= (2 if shuffle else 1) else 0)
+    return full + (1 if rest >= (2 * world if shuffle else 1) else 0)
+
+
+def batch_indices(
+    n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+) -> Iterator[torch.Tensor]:
+    """The sample indices of each batch of a pass, in a seeded order when ``shuffle``.
+
+    With ``shard=(rank, world)`` each batch of ``batch_size`` is split between the ranks (every world-th index from
+    ``rank``): together they take the same steps over the same samples as one process does.
+    """
+    rank, world = shard
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if shuffle and len(idx) < 2 * world:
+            break
+        yield idx[rank::world] if world > 1 else idx
 
 
 class TensorSplit:
@@ -58,19 +76,18 @@ class TensorSplit:
         return TensorSplit(self.images.to(device), self.labels.to(device))
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[Batch]:
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        order = order.to(self.images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if shuffle and len(idx) < 2:
-                break  # a training batch of one sample breaks BatchNorm
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, shard):
+            idx = idx.to(self.images.device)
             yield self.images[idx], self.labels[idx], idx
 
-    def num_batches(self, batch_size: int, shuffle: bool = False) -> int:
-        return _num_batches(len(self), batch_size, shuffle)
+    def num_batches(self, batch_size: int, shuffle: bool = False, world: int = 1) -> int:
+        return _num_batches(len(self), batch_size, shuffle, world)
 
 
 class _Indexed(Dataset):
@@ -104,21 +121,32 @@ class LoaderSplit:
         return LoaderSplit(self.dataset, self.indices, self.num_workers, device)
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[Batch]:
-        key = (batch_size, shuffle)
+        sharded = shard[1] > 1
+        key = (batch_size, shuffle, sharded)
         if key not in self._loaders:  # kept, so that persistent workers survive across epochs
             self._loaders[key] = DataLoader(
                 _Indexed(self.dataset, self.indices),
-                batch_size=batch_size,
-                shuffle=shuffle,
-                generator=generator,
-                drop_last=False,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 pin_memory=self.device.type == "cuda",
+                **(
+                    {"batch_sampler": _BatchList()}
+                    if sharded
+                    else {"batch_size": batch_size, "shuffle": shuffle, "generator": generator, "drop_last": False}
+                ),
             )
-        for images, labels, idx in self._loaders[key]:
+        loader = self._loaders[key]
+        if sharded:  # this rank's share of each batch, from the order that every rank draws alike
+            loader.batch_sampler.batches = [
+                i.tolist() for i in batch_indices(len(self), batch_size, shuffle, generator, shard)
+            ]
+        for images, labels, idx in loader:
             if shuffle and len(idx) < 2:
                 break
             yield (
@@ -127,8 +155,21 @@ class LoaderSplit:
                 idx.to(self.device, non_blocking=True),
             )
 
-    def num_batches(self, batch_size: int, shuffle: bool = False) -> int:
-        return _num_batches(len(self), batch_size, shuffle)
+    def num_batches(self, batch_size: int, shuffle: bool = False, world: int = 1) -> int:
+        return _num_batches(len(self), batch_size, shuffle, world)
+
+
+class _BatchList(Sampler):
+    """Yields the index batches set before each pass (``batches``), in the main process."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 Split = TensorSplit | LoaderSplit

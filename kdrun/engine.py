@@ -13,16 +13,18 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
+from kdrun import distributed
 from kdrun.data import Data, Split
 from kdrun.errors import KdrunError
 from kdrun.features import FeatureTap
 from kdrun.losses import Objective
 from kdrun.mixing import hard_labels
 from kdrun.optim import build_optimizer, build_scheduler
-from kdrun.resume import load_training_state, save_training_state
+from kdrun.resume import load_training_state, rng_state, save_training_state, set_rng_state
 from kdrun.runtime import Runtime, peak_memory_mb, reset_peak_memory
 from kdrun.signals import check_stop
 
@@ -135,7 +137,6 @@ def fit(
         log.info("%s: %s", stage, objective.describe())
         student_net = FeatureTap(model, objective.student_layers)
         teacher = FeatureTap(teacher, objective.teacher_layers)
-    forward = runtime.forward(student_net)
     objective.to(device)
     if objective.needs_teacher:
         if teacher_logits is not None:
@@ -148,10 +149,13 @@ def fit(
             runtime.prepare(teacher).eval().requires_grad_(False)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = build_optimizer(optim_cfg, params, float(train_cfg.lr))
-    steps_per_epoch = data.train.num_batches(batch_size, shuffle=True)
+    rank, world = distributed.ranks().rank, distributed.world_size()
+    steps_per_epoch = data.train.num_batches(batch_size, shuffle=True, world=world)
     scheduler = build_scheduler(sched_cfg, optimizer, steps_per_epoch, epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
-    generator = torch.Generator().manual_seed(seed)  # batch order and augmentation of this stage
+    generator = torch.Generator().manual_seed(seed)  # batch order (alike on every rank) and augmentation
+    # On several ranks each augments its own share of the batch, from a stream of its own.
+    augment = generator if world == 1 else torch.Generator().manual_seed(seed + 7919 * rank)
 
     best_state, best_epoch, best_acc = None, 0, -1.0
     history, train_time, images_seen, nonfinite, done = [], 0.0, 0, 0, 0
@@ -159,6 +163,11 @@ def fit(
     if state is not None:
         if state["stage"] != stage or state["epoch"] > epochs:
             raise KdrunError(f"{state_path} holds {state['stage']} epoch {state['epoch']}, not a state of {stage}")
+        if state.get("world_size", 1) != world:
+            raise KdrunError(
+                f"{state_path} was saved by a run on {state.get('world_size', 1)} process(es); resume it on the same "
+                f"number (now {world}), e.g. torchrun --nproc_per_node={state.get('world_size', 1)} -m kdrun resume=..."
+            )
         model.load_state_dict(state["model"])
         objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
@@ -168,8 +177,15 @@ def fit(
         best_state, best_epoch, best_acc = state["best_state"], state["best_epoch"], state["best_acc"]
         history, train_time, images_seen = state["history"], state["train_time"], state["images_seen"]
         nonfinite, done = state["nonfinite"], state["epoch"]
+        if world > 1:
+            own = state["ranks"][rank]
+            augment.set_state(own["augment"])
+            set_rng_state(own["rng"])
         log.info("%s: resuming after epoch %d/%d (%s)", stage, done, epochs, state_path)
     saved = f"its epochs 1-{done} are saved in {state_path}" if done and state_path else "no epoch of it is saved yet"
+    if world > 1:  # gradients averaged over the ranks; every rank starts from rank 0's weights
+        student_net = DistributedDataParallel(student_net, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = runtime.forward(student_net)
     for epoch in range(done + 1, epochs + 1):
         model.train()
         objective.set_epoch(epoch)
@@ -178,18 +194,18 @@ def fit(
         reset_peak_memory(device)
         start = time.perf_counter()
         batches = tqdm(
-            data.train.batches(batch_size, shuffle=True, generator=generator),
+            data.train.batches(batch_size, shuffle=True, generator=generator, shard=(rank, world)),
             total=steps_per_epoch,
             desc=f"{stage} {epoch}/{epochs}",
             leave=False,
-            disable=not runtime.progress,
+            disable=not runtime.progress or rank != 0,
             file=sys.stderr,
         )
         for step, (images, labels, idx) in enumerate(batches, 1):
             check_stop(f"in stage {stage}, epoch {epoch}, step {step}", saved)
-            x = runtime.inputs(data.transform(images, train=True, generator=generator))
+            x = runtime.inputs(data.transform(images, train=True, generator=augment))
             if mix is not None:
-                x, labels = mix(x, labels, data.spec.num_classes, generator)
+                x, labels = mix(x, labels, data.spec.num_classes, augment)
             with runtime.autocast():
                 logits = forward(x)
             if not objective.needs_teacher:
@@ -203,12 +219,13 @@ def fit(
                 loss, terms = objective(logits, labels, targets, student_features, teacher_features)
             else:
                 loss, terms = objective(logits, labels, targets)
-            if not torch.isfinite(loss):
+            if distributed.any_rank(not torch.isfinite(loss).item()):  # every rank skips alike
                 nonfinite += 1
                 _check_nonfinite(stage, epoch, step, nonfinite, max_nonfinite_steps, runtime)
                 continue  # no update: the weights, optimizer and schedule stay as they were
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            distributed.average_gradients(objective.parameters())  # DDP averages the model's own
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -221,6 +238,14 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - start
+        if world > 1:  # the epoch's sums over every rank's share
+            keys = list(sums)
+            totals = distributed.all_reduce_sum(
+                torch.stack([sums[k].float() for k in keys] + [torch.tensor(seen, device=device, dtype=torch.float32)])
+            )
+            sums = dict(zip(keys, totals[:-1], strict=True))
+            seen = int(totals[-1].item())
+            distributed.sync_buffers(model)  # rank 0's BatchNorm statistics: every rank validates the same model
         train_time += epoch_time
         images_seen += seen
         if seen == 0:
@@ -259,9 +284,14 @@ def fit(
             best_acc, best_epoch = val["acc"], epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if state_path is not None:
+            own = {"augment": augment.get_state(), "rng": rng_state()}
+            per_rank = distributed.gather(own) if world > 1 else None
+        if state_path is not None and rank == 0:
             save_training_state(
                 state_path,
                 {
+                    "world_size": world,
+                    "ranks": per_rank,
                     "stage": stage,
                     "epoch": epoch,
                     "model": model.state_dict(),

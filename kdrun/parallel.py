@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from kdrun import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,9 @@ def job_device(device: str) -> Iterator[str]:
     with ``device=auto`` and several GPUs each job leases a GPU of its own (a file lock per GPU, released when
     the job ends or dies).
     """
+    if distributed.world_size() > 1:
+        yield distributed.rank_device(device)
+        return
     jobs = concurrent_jobs()
     if jobs == 1:
         yield device

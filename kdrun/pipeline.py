@@ -16,6 +16,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
+from kdrun import distributed
 from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key, file_sha256
 from kdrun.checkpoint import atomic_save, load_model, read_state, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
@@ -45,8 +46,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 
 
 def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
-    if prepare_run_dir(run_dir, cfg):
+    main = distributed.is_main()  # only rank 0 of a distributed run writes files
+    if main and prepare_run_dir(run_dir, cfg):
         log.info("%s holds an earlier attempt of this run: finished stages are kept, the rest resumes", run_dir)
+    distributed.barrier()
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset, runtime.device)
     log.info(
@@ -67,7 +70,12 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     )
     check_feature_taps(cfg, data)
     cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
-    writer = SummaryWriter(str(run_dir / "tb"))
+    writer = SummaryWriter(str(run_dir / "tb")) if main else None
+    if distributed.world_size() > 1:
+        log.info(
+            "%d processes: each trains on its share of every batch (global batch size as configured)",
+            distributed.world_size(),
+        )
     stages: dict[str, dict[str, Any]] = {}
     try:
         teacher, stages["teacher"] = resumable(
@@ -99,6 +107,8 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
 
         models["student"], stages["student"] = resumable("student", cfg.student, data, runtime, run_dir, distil)
         metrics = assemble(run_config(cfg, runtime), stages)
+        if not main:
+            return float(metrics["objective"])
         outputs = None
         if cfg.report.enabled:
             started = time.perf_counter()
@@ -118,7 +128,8 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
             write_report(run_dir, metrics, outputs, writer)
         write_hparams(writer, metrics)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     log.info("results (%s):\n%s", run_dir / "metrics.json", summary_table(metrics))
     return float(metrics["objective"])
 
@@ -146,10 +157,12 @@ def resumable(
     stage: str, model_cfg: DictConfig, data: Data, runtime: Runtime, run_dir: Path, run_stage
 ) -> tuple[nn.Module, dict]:
     """``run_stage()``, unless an earlier attempt of this run finished the stage: then its model and metrics."""
+    distributed.barrier()  # every rank sees the same finished stages
     metrics = finished_stage(run_dir, stage)
     if metrics is None:
         model, metrics = run_stage()
-        record_stage(run_dir, stage, metrics)
+        if distributed.is_main():
+            record_stage(run_dir, stage, metrics)
         return model, metrics
     path = run_dir / f"{stage}.pt"
     model = load_model(path, model_cfg, data.spec, key=f"{stage} of the earlier attempt").to(runtime.device)
@@ -180,7 +193,8 @@ def checkpoint_stage(
     log.info("%s %s loaded from %s", name, model_name(model_cfg), path)
     val = evaluate(teacher, data.val, data, runtime, cfg.train.eval_batch_size)
     test = evaluate(teacher, data.test, data, runtime, cfg.train.eval_batch_size)
-    save_model(run_dir / f"{name}.pt", teacher, model_cfg, data.spec, source=str(path))
+    if distributed.is_main():
+        save_model(run_dir / f"{name}.pt", teacher, model_cfg, data.spec, source=str(path))
     return teacher, {
         "source": "checkpoint",
         "cache_key": None,
@@ -209,7 +223,8 @@ def ensemble_teacher(
         slot.load_state_dict(member.state_dict())
     val = evaluate(ensemble, data.val, data, runtime, cfg.train.eval_batch_size)
     test = evaluate(ensemble, data.test, data, runtime, cfg.train.eval_batch_size)
-    save_model(run_dir / "teacher.pt", ensemble, cfg.teacher, data.spec)
+    if distributed.is_main():
+        save_model(run_dir / "teacher.pt", ensemble, cfg.teacher, data.spec)
     identities = [m.get("cache_key") or m.get("checkpoint_sha256") for m in member_metrics]
     log.info("teacher: ensemble of %d, test acc %.2f%%", len(members), 100 * test["acc"])
     return ensemble, {
@@ -268,12 +283,23 @@ def reusable_stage(
         trained.append(train())
         return run_dir / f"{name}.pt", trained[0][1]
 
-    entry, hit = cache.fetch_or_build(stage, artefact_fields(stage, cfg, runtime, model_cfg), build)
+    fields = artefact_fields(stage, cfg, runtime, model_cfg)
+    if distributed.world_size() == 1:
+        entry, hit = cache.fetch_or_build(stage, fields, build)
+    else:  # rank 0 looks it up; on a miss every rank trains (together) and rank 0 stores the result
+        main = distributed.is_main()
+        entry = distributed.broadcast(cache.lookup(stage, fields) if main else None)
+        hit = entry is not None
+        if not hit:
+            build()
+            store = partial(cache.fetch_or_build, stage, fields, lambda: (run_dir / f"{name}.pt", trained[0][1]))
+            entry = distributed.broadcast(store()[0] if main else None)
     if not hit:
         model, metrics = trained[0]
         return model, {**metrics, "cache_key": entry.key}
     model = load_model(entry.model_path, model_cfg, data.spec, key=f"cache entry {entry.dir}").to(runtime.device)
-    _link_or_skip(entry.model_path, run_dir / f"{name}.pt")
+    if distributed.is_main():
+        _link_or_skip(entry.model_path, run_dir / f"{name}.pt")
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
     log.info(
         "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
@@ -319,7 +345,7 @@ def teacher_logits(
         or teacher_metrics.get("checkpoint_sha256")
         or teacher_metrics.get("ensemble_key")
     )
-    if cache is None or identity is None:
+    if cache is None or identity is None or not distributed.is_main():
         return compute()[0], "cached in memory"
     fields = {
         "code": TRAINING_CODE_VERSION,
@@ -424,7 +450,8 @@ def train_stage(
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
     best_test = evaluate(best, data.test, data, runtime, cfg.train.eval_batch_size)
-    save_model(run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
+    if distributed.is_main():
+        save_model(run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
     return best, {
         "source": "trained",
         "cache_key": None,

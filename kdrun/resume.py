@@ -77,7 +77,7 @@ def record_stage(run_dir: Path, stage: str, metrics: dict[str, Any]) -> None:
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     """Write a stage's training state atomically, with the RNG states of python, numpy, torch and CUDA."""
-    atomic_save({**state, "rng": _rng_state()}, path)
+    atomic_save({**state, "rng": rng_state()}, path)
 
 
 def load_training_state(path: Path) -> dict[str, Any] | None:
@@ -85,11 +85,11 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     state = read_state(path, "training checkpoint")
-    _set_rng_state(state.pop("rng"))
+    set_rng_state(state.pop("rng"))
     return state
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -99,7 +99,7 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kdrun import distributed
 from kdrun.errors import KdrunError
 
 _requested: int | None = None
@@ -52,9 +53,13 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def check_stop(where: str, saved: str) -> None:
-    """Raise ``Interrupted`` if a stop was requested; ``where`` and ``saved`` go into its message."""
-    if _requested is not None:
-        raise Interrupted(f"interrupted by {_name(_requested)} {where}; {saved}", _requested)
+    """Raise ``Interrupted`` if a stop was requested; ``where`` and ``saved`` go into its message.
+
+    The ranks of a distributed run stop together, at the same step, when any of them got the signal.
+    """
+    signum = distributed.max_over_ranks(_requested or 0) or None
+    if signum is not None:
+        raise Interrupted(f"interrupted by {_name(signum)} {where}; {saved}", signum)
 
 
 def _name(signum: int) -> str:
