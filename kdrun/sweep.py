@@ -327,7 +327,12 @@ def _reference_lines(jobs: list[Job]) -> list[str]:
         for job in jobs:
             m = job.metrics
             if job.status == "ok" and f"{stage}.test_acc" in m:
-                identity = m.get(f"{stage}.cache_key") or (m.get(f"{stage}.model"), m[f"{stage}.test_acc"])
+                identity = (  # what makes two runs' teachers the same model; without one, each seed's is its own
+                    m.get(f"{stage}.cache_key")
+                    or m.get(f"{stage}.checkpoint_sha256")
+                    or m.get(f"{stage}.ensemble_key")
+                    or (m.get(f"{stage}.model"), m.get("config.seed"), m[f"{stage}.test_acc"])
+                )
                 distinct.setdefault(identity, m)
         by_model: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
         for m in distinct.values():

@@ -289,3 +289,16 @@ def test_continuous_search_is_a_scatter_plot(tmp_path):
     assert [p.name for p in written[2:]] == ["heatmap_test_acc.png", "heatmap_val_acc.png"]
     for png in written[2:]:
         assert_png(png)
+
+
+def test_uncached_teachers_of_different_seeds_count_once_each(tmp_path):
+    # Ensembles have no cache key: two seeds' ensembles with the same test acc are still two teachers, while
+    # every job distilling from one loaded checkpoint shares one.
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2"])
+    for seed in range(3):
+        job = add_job(sweep, [f"seed={seed}"], 0.97)
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics["teacher"].update(cache_key=None, model="ensemble", test_acc=0.994, ensemble_key=f"e{seed // 2}")
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    write_summary(sweep)
+    assert "teacher ensemble on mnist: test acc 99.40 ± 0.00% (n=2)" in (sweep / "summary.md").read_text()
