@@ -1,4 +1,5 @@
-"""Training objectives. Each maps ``(student_logits, labels, teacher_logits)`` to ``(total, terms)``.
+"""Training objectives. Each maps ``(student_logits, labels, teacher_logits)`` to ``(total, terms)``; the feature
+losses (``kdrun.feature_losses``) also take both models' features.
 
 ``terms`` holds every named term unweighted (``ce``, ``kd``, ...), so the engine logs each one without
 extra code. Convention for the logit-distillation losses:

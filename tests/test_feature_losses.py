@@ -81,13 +81,11 @@ def test_rkd_angle_by_hand():
 
 
 def test_fitnet_total_by_hand():
-    objective = build_objective({"name": "fitnet", "hint_weight": 10.0}, T=2.0, alpha=0.25)
     # Bind to two one-layer nets whose taps we name, then fix the adapter to (x, -x).
     student = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(4, 2))
     teacher = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Flatten(), nn.Linear(8, 2))
-    objective.student_layers, objective.teacher_layers = [], []
-    build = {"name": "fitnet", "hint_weight": 10.0, "student_layers": ["0"], "teacher_layers": ["0"]}
-    objective = build_objective(build, T=2.0, alpha=0.25)
+    named = {"name": "fitnet", "hint_weight": 10.0, "student_layers": ["0"], "teacher_layers": ["0"]}
+    objective = build_objective(named, T=2.0, alpha=0.25)
     objective.bind(student, teacher, torch.zeros(2, 1, 2, 2))
     adapter = objective.adapters[0]
     with torch.no_grad():
