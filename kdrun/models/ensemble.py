@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.data import DataSpec
+from kdrun.errors import KdrunError
 from kdrun.models import MODELS, build_model
 
 
@@ -27,8 +28,6 @@ class Ensemble(nn.Module):
 
     def default_taps(self, example: torch.Tensor):
         """None to choose from (see ``kdrun.features``): the members' layers are not one network's stages."""
-        from kdrun.errors import KdrunError
-
         raise KdrunError(
             "teacher=ensemble has no default feature taps: name one member's layers with loss.teacher_layers, "
             "e.g. loss.teacher_layers=[members.0.layer3]"
