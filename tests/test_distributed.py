@@ -112,3 +112,14 @@ def test_a_killed_two_process_run_resumes_on_two_processes(tmp_path):
     for stage in STAGES:
         for key in ("test_acc", "test_acc_best", "val_acc_best", "best_epoch", "test_loss"):
             assert got[stage][key] == want[stage][key], (stage, key)
+
+
+def test_a_sweep_inside_torchrun_is_refused_and_every_rank_gets_one_run_dir():
+    from kdrun import distributed
+    from kdrun.errors import KdrunError
+
+    with pytest.raises(KdrunError, match=r"a sweep \(-m\) cannot run inside it"):
+        distributed.hydra_overrides(["-m", "T=2,4"])
+    overrides = distributed.hydra_overrides(["T=2"])  # rank 0 of a process group of one
+    assert overrides[0] == "T=2" and overrides[1].startswith("hydra.run.dir=outputs/") and len(overrides) == 2
+    assert distributed.hydra_overrides(["hydra.run.dir=/x"]) == ["hydra.run.dir=/x"]  # the user's own dir stays
