@@ -22,6 +22,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from kdrun import distributed
+
 log = logging.getLogger(__name__)
 
 # Bump when a change to the code alters what training produces: every older entry stops matching.
@@ -74,7 +76,24 @@ class ArtefactCache:
 
         ``build`` trains the artefact and returns ``(model file, metrics)``; the file is copied into the cache.
         Jobs asking for the same key wait for the one building it, then reuse its entry.
+
+        In a run on several processes every rank calls this: rank 0 looks the entry up, and on a miss every rank
+        runs ``build`` (they train together) while rank 0 alone stores the result; all get rank 0's entry.
         """
+        if distributed.world_size() > 1:
+            main = distributed.is_main()
+            entry = distributed.broadcast(self._lookup(kind, fields) if main else None)
+            if entry is not None:
+                return entry, True
+            built = build()
+            entry = distributed.broadcast(self.fetch_or_build_here(kind, fields, lambda: built)[0] if main else None)
+            return entry, False
+        return self.fetch_or_build_here(kind, fields, build)
+
+    def fetch_or_build_here(
+        self, kind: str, fields: Mapping[str, Any], build: Callable[[], tuple[Path, dict[str, Any]]]
+    ) -> tuple[Entry, bool]:
+        """``fetch_or_build`` in this process alone."""
         key = cache_key(fields)
         folder = self.root / kind
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +109,7 @@ class ArtefactCache:
             log.info("cached %s %s (%s)", kind, key, entry.dir)
             return entry, False
 
-    def lookup(self, kind: str, fields: Mapping[str, Any]) -> Entry | None:
+    def _lookup(self, kind: str, fields: Mapping[str, Any]) -> Entry | None:
         """The verified entry for ``fields``, or None; builds nothing."""
         key = cache_key(fields)
         folder = self.root / kind

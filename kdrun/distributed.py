@@ -41,7 +41,7 @@ def init_from_env() -> Ranks:
 
 def ranks() -> Ranks:
     """This process's place in the run: rank 0 of 1 unless a process group is initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _initialized():
         return Ranks()
     return Ranks(
         dist.get_rank(),
@@ -51,13 +51,17 @@ def ranks() -> Ranks:
     )
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main() -> bool:
     """Whether this process writes the run's files (rank 0, or the only process)."""
-    return ranks().rank == 0
+    return not _initialized() or dist.get_rank() == 0
 
 
 def world_size() -> int:
-    return ranks().world
+    return dist.get_world_size() if _initialized() else 1
 
 
 def barrier() -> None:
@@ -153,5 +157,5 @@ def hydra_overrides(argv: list[str]) -> list[str]:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.destroy_process_group()

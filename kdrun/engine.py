@@ -127,17 +127,8 @@ def fit(
     student_net = runtime.prepare(model)
     if mix is not None and teacher_logits is not None:
         raise ValueError(f"stage {stage}: mixed batches need the teacher online, not cached logits")
-    if objective.uses_features:
-        if teacher is None or teacher_logits is not None:
-            raise ValueError(f"stage {stage}: a feature loss needs the teacher online, not cached logits")
-        runtime.prepare(teacher).eval()
-        spec = data.spec
-        example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
-        objective.bind(model, teacher, runtime.inputs(example))  # resolves the layers, builds any adapter
-        log.info("%s: %s", stage, objective.describe())
-        student_net = FeatureTap(model, objective.student_layers)
-        teacher = FeatureTap(teacher, objective.teacher_layers)
-    objective.to(device)
+    if objective.uses_features and teacher_logits is not None:
+        raise ValueError(f"stage {stage}: a feature loss needs the teacher online, not cached logits")
     if objective.needs_teacher:
         if teacher_logits is not None:
             if teacher_logits.shape[0] != len(data.train):
@@ -147,6 +138,14 @@ def fit(
             raise ValueError(f"stage {stage}: the objective needs a teacher")
         else:
             runtime.prepare(teacher).eval().requires_grad_(False)
+    if objective.uses_features:
+        spec = data.spec
+        example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size, device=device)
+        objective.bind(model, teacher, runtime.inputs(example))  # resolves the layers, builds any adapter
+        log.info("%s: %s", stage, objective.describe())
+        student_net = FeatureTap(model, objective.student_layers)
+        teacher = FeatureTap(teacher, objective.teacher_layers).eval()
+    objective.to(device)
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = build_optimizer(optim_cfg, params, float(train_cfg.lr))
     rank, world = distributed.ranks().rank, distributed.world_size()
@@ -283,9 +282,8 @@ def fit(
         if val["acc"] > best_acc:
             best_acc, best_epoch = val["acc"], epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if state_path is not None:
-            own = {"augment": augment.get_state(), "rng": rng_state()}
-            per_rank = distributed.gather(own) if world > 1 else None
+        if state_path is not None:  # on several ranks, every rank's own streams too, for an exact resume
+            per_rank = distributed.gather({"augment": augment.get_state(), "rng": rng_state()}) if world > 1 else None
         if state_path is not None and rank == 0:
             save_training_state(
                 state_path,

@@ -68,13 +68,8 @@ class FeatureObjective(Objective):
                 layers.append(requested)
         student_layers, teacher_layers = layers
         if len(student_layers) != len(teacher_layers):
-            student_given, teacher_given = (r is not None for r in self.requested)
             k = min(len(student_layers), len(teacher_layers))
-            if (
-                (student_given and teacher_given)
-                or (student_given and k < len(student_layers))
-                or (teacher_given and k < len(teacher_layers))
-            ):
+            if any(r is not None and len(r) > k for r in self.requested):  # named layers are never dropped
                 raise KdrunError(
                     f"the student's layers {student_layers} and the teacher's {teacher_layers} pair one to one: "
                     "give loss.student_layers and loss.teacher_layers with the same number of names"

@@ -283,17 +283,7 @@ def reusable_stage(
         trained.append(train())
         return run_dir / f"{name}.pt", trained[0][1]
 
-    fields = artefact_fields(stage, cfg, runtime, model_cfg)
-    if distributed.world_size() == 1:
-        entry, hit = cache.fetch_or_build(stage, fields, build)
-    else:  # rank 0 looks it up; on a miss every rank trains (together) and rank 0 stores the result
-        main = distributed.is_main()
-        entry = distributed.broadcast(cache.lookup(stage, fields) if main else None)
-        hit = entry is not None
-        if not hit:
-            build()
-            store = partial(cache.fetch_or_build, stage, fields, lambda: (run_dir / f"{name}.pt", trained[0][1]))
-            entry = distributed.broadcast(store()[0] if main else None)
+    entry, hit = cache.fetch_or_build(stage, artefact_fields(stage, cfg, runtime, model_cfg), build)
     if not hit:
         model, metrics = trained[0]
         return model, {**metrics, "cache_key": entry.key}
@@ -345,7 +335,7 @@ def teacher_logits(
         or teacher_metrics.get("checkpoint_sha256")
         or teacher_metrics.get("ensemble_key")
     )
-    if cache is None or identity is None or not distributed.is_main():
+    if cache is None or identity is None or not distributed.is_main():  # other ranks: no shared temp file
         return compute()[0], "cached in memory"
     fields = {
         "code": TRAINING_CODE_VERSION,
@@ -363,7 +353,7 @@ def teacher_logits(
         return tmp, {"samples": len(split)}
 
     try:
-        entry, _ = cache.fetch_or_build("teacher_logits", fields, build)
+        entry, _ = cache.fetch_or_build_here("teacher_logits", fields, build)
     finally:
         tmp.unlink(missing_ok=True)
     stored = read_state(entry.model_path, f"cache entry {entry.dir}")  # checksum-verified by the cache
