@@ -119,8 +119,10 @@ def keep_freed_memory() -> bool:
     if not _KEEPING_FREED_MEMORY and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-            m_trim_threshold, m_mmap_threshold = -1, -3
-            _KEEPING_FREED_MEMORY = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 32))
+            mallopt.argtypes = (ctypes.c_int, ctypes.c_int)  # an out-of-range value raises instead of wrapping
+            m_trim_threshold, m_mmap_threshold, int_max = -1, -3, 2**31 - 1
+            # Heap blocks instead of one mmap per large tensor, and never trim the heap's top back to the kernel.
+            _KEEPING_FREED_MEMORY = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, int_max))
     return _KEEPING_FREED_MEMORY
 
 
