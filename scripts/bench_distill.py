@@ -6,7 +6,8 @@ Both sides use the same MNIST training images (kdrun's train split), models, bat
 steps. It prints three ratios:
 
 1. data path: kdrun's in-memory uint8 tensors + batched normalisation vs a torchvision DataLoader with per-sample
-   ToTensor/Normalize, each feeding the same student (CE) for one epoch (img/s); then the same on 32x32 RGB images
+   ToTensor/Normalize, each feeding the same student (CE), img/s of the median of --repeats epochs per side (every
+   epoch's figure is printed too); then the same, one epoch per side, on 32x32 RGB images
    (torchvision FakeData pixels, read the way CIFAR10 reads them) with CIFAR's random crop and flip;
 2. teacher outputs: a distillation epoch with cached teacher logits vs a CE-only epoch of the same student
    (and the same with the teacher run online on every batch);
@@ -17,6 +18,7 @@ steps. It prints three ratios:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -83,7 +85,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the section-3 accuracy comparison")
     parser.add_argument("--cifar-images", type=int, default=20000, help="images of the 32x32 RGB data-path run")
     parser.add_argument("--only-data-path", action="store_true", help="run section 1 alone")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="epochs timed per side in sections 1 and 2; the median is compared"
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: time at least 1 epoch per side")
 
     device = torch.device("cpu")
     data = build_data({"name": "mnist", "root": args.root, "download": False, "val_fraction": 0.1}, device)
@@ -124,17 +131,22 @@ def main() -> None:
         return model, result.train_time_s
 
     # 1. Data path, CE only. The reference runs first, before kdrun tunes the process (see keep_freed_memory).
-    ref_time = classic_ce_epoch(student(), loader(args.seed), args.lr)
+    # Each side is timed over several epochs and their medians are compared: this machine's speed drifts by
+    # 10-20% from one epoch to the next (shared cores), which one epoch per side would pass on to the ratio.
+    ref_times = [classic_ce_epoch(student(), loader(args.seed), args.lr) for _ in range(args.repeats)]
     runtime = resolve_runtime("cpu", progress=False)  # kdrun's defaults on this machine
     plain = resolve_runtime("cpu", "off", False, channels_last=False)
     print(f"kdrun defaults here: amp={runtime.amp}, channels_last={runtime.channels_last}")
-    _, ce_time = kdrun_epoch(runtime, CrossEntropy())
+    ce_times = [kdrun_epoch(runtime, CrossEntropy())[1] for _ in range(args.repeats)]
+    ref_time, ce_time = statistics.median(ref_times), statistics.median(ce_times)
     _, plain_time = kdrun_epoch(plain, CrossEntropy())
     tuned_ref_time = classic_ce_epoch(student(), loader(args.seed), args.lr)
     ceiling = fixed_batch_img_per_s(student(), data, runtime, args.batch_size, args.lr)
     print(
-        f"\n1. data path (student CE epoch): DataLoader {n / ref_time:.0f} img/s, kdrun {n / ce_time:.0f} img/s"
+        f"\n1. data path (student CE epoch, median of {args.repeats}): DataLoader {n / ref_time:.0f} img/s, "
+        f"kdrun {n / ce_time:.0f} img/s"
         f"\n   ratio kdrun / DataLoader = {ref_time / ce_time:.2f}x   (target >= 3x)"
+        f"\n   each epoch: DataLoader {_img_per_s(n, ref_times)}; kdrun {_img_per_s(n, ce_times)}"
         f"\n   where it comes from: kdrun fp32 without channels_last {n / plain_time:.0f} img/s "
         f"({ref_time / plain_time:.2f}x); the DataLoader loop after kdrun's allocator setting "
         f"{n / tuned_ref_time:.0f} img/s"
@@ -159,11 +171,11 @@ def main() -> None:
     start = time.perf_counter()
     logits, _ = predict(teacher, data.train, data, runtime, 1024)
     logits_time = time.perf_counter() - start
-    _, cached_time = kdrun_epoch(runtime, kd, logits=logits)
+    cached_time = statistics.median(kdrun_epoch(runtime, kd, logits=logits)[1] for _ in range(args.repeats))
     _, online_time = kdrun_epoch(runtime, kd, teacher=teacher)
     print(
-        f"\n2. distillation epoch / CE-only epoch: cached logits {cached_time / ce_time:.2f}x (target <= 1.15x), "
-        f"online teacher {online_time / ce_time:.2f}x"
+        f"\n2. distillation epoch / CE-only epoch (medians): cached logits {cached_time / ce_time:.2f}x "
+        f"(target <= 1.15x), online teacher {online_time / ce_time:.2f}x"
     )
     print(
         f"   CE {ce_time:.1f} s, cached {cached_time:.1f} s (+ {logits_time:.1f} s once for the logits), "
@@ -251,6 +263,10 @@ def cifar_like_data_path(args, runtime) -> None:
         f"   32x32 RGB, CIFAR-10 augmentation, {m} images: DataLoader {m / ref_time:.0f} img/s, "
         f"kdrun {m / result.train_time_s:.0f} img/s, ratio {ref_time / result.train_time_s:.2f}x"
     )
+
+
+def _img_per_s(n: int, seconds: list[float]) -> str:
+    return ", ".join(f"{n / s:.0f}" for s in seconds) + " img/s"
 
 
 def _mean_std(values: list[float]) -> str:
