@@ -39,6 +39,15 @@ def cache_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+IDENTITY_KEYS = ("cache_key", "checkpoint_sha256", "ensemble_key")
+
+
+def model_identity(metrics: Mapping[str, Any], prefix: str = "") -> str | None:
+    """What makes two runs' stage models the same model: its cache key, its checkpoint's hash or its ensemble's
+    key (``prefix`` for flattened metrics, e.g. ``"teacher."``); None for a model trained outside the cache."""
+    return next((metrics[prefix + k] for k in IDENTITY_KEYS if metrics.get(prefix + k)), None)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,10 +103,7 @@ class ArtefactCache:
         self, kind: str, fields: Mapping[str, Any], build: Callable[[], tuple[Path, dict[str, Any]]]
     ) -> tuple[Entry, bool]:
         """``fetch_or_build`` in this process alone."""
-        key = cache_key(fields)
-        folder = self.root / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        with _locked(folder / f"{key}.lock", f"{kind} {key}"):
+        with self._slot(kind, fields) as (key, folder):
             _remove_stale_temps(folder, key)
             entry = self._verified(kind, key)
             if entry is not None:
@@ -111,11 +117,17 @@ class ArtefactCache:
 
     def _lookup(self, kind: str, fields: Mapping[str, Any]) -> Entry | None:
         """The verified entry for ``fields``, or None; builds nothing."""
+        with self._slot(kind, fields) as (key, _):
+            return self._verified(kind, key)
+
+    @contextmanager
+    def _slot(self, kind: str, fields: Mapping[str, Any]) -> Iterator[tuple[str, Path]]:
+        """``(key, folder)`` of the entry for ``fields``, held under its lock."""
         key = cache_key(fields)
         folder = self.root / kind
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(folder / f"{key}.lock", f"{kind} {key}"):
-            return self._verified(kind, key)
+            yield key, folder
 
     def entries(self, kind: str) -> list[Entry]:
         """The complete, verified entries of one kind."""

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kdrun.errors import KdrunError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -140,8 +142,6 @@ def hydra_overrides(argv: list[str]) -> list[str]:
 
     Without this each rank's Hydra would name its own timestamped run dir: the known Hydra + DDP trap.
     """
-    from kdrun.errors import KdrunError
-
     if any(a in ("-m", "--multirun") or a.startswith("hydra/launcher=") for a in argv):
         raise KdrunError(
             "torchrun runs one run on several processes; a sweep (-m) cannot run inside it: start the sweep with "

@@ -284,30 +284,30 @@ def fit(
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if state_path is not None:  # on several ranks, every rank's own streams too, for an exact resume
             per_rank = distributed.gather({"augment": augment.get_state(), "rng": rng_state()}) if world > 1 else None
-        if state_path is not None and rank == 0:
-            save_training_state(
-                state_path,
-                {
-                    "world_size": world,
-                    "ranks": per_rank,
-                    "stage": stage,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "objective": objective.state_dict(),  # e.g. FitNet's adapters
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": generator.get_state(),
-                    "best_state": best_state,
-                    "best_epoch": best_epoch,
-                    "best_acc": best_acc,
-                    "history": history,
-                    "train_time": train_time,
-                    "images_seen": images_seen,
-                    "nonfinite": nonfinite,
-                },
-            )
-            saved = f"its epochs 1-{epoch} are saved in {state_path}"
+            if rank == 0:
+                save_training_state(
+                    state_path,
+                    {
+                        "world_size": world,
+                        "ranks": per_rank,
+                        "stage": stage,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "objective": objective.state_dict(),  # e.g. FitNet's adapters
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "generator": generator.get_state(),
+                        "best_state": best_state,
+                        "best_epoch": best_epoch,
+                        "best_acc": best_acc,
+                        "history": history,
+                        "train_time": train_time,
+                        "images_seen": images_seen,
+                        "nonfinite": nonfinite,
+                    },
+                )
+                saved = f"its epochs 1-{epoch} are saved in {state_path}"
     assert best_state is not None
     return FitResult(
         model,

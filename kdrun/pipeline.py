@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
 from kdrun import distributed
-from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key, file_sha256
+from kdrun.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key, file_sha256, model_identity
 from kdrun.checkpoint import atomic_save, load_model, read_state, save_model
 from kdrun.data import Data, build_data, dataset_identity, with_train_subset
 from kdrun.engine import evaluate, fit, predict, with_state
@@ -193,8 +193,7 @@ def checkpoint_stage(
     log.info("%s %s loaded from %s", name, model_name(model_cfg), path)
     val = evaluate(teacher, data.val, data, runtime, cfg.train.eval_batch_size)
     test = evaluate(teacher, data.test, data, runtime, cfg.train.eval_batch_size)
-    if distributed.is_main():
-        save_model(run_dir / f"{name}.pt", teacher, model_cfg, data.spec, source=str(path))
+    save_run_model(run_dir / f"{name}.pt", teacher, model_cfg, data.spec, source=str(path))
     return teacher, {
         "source": "checkpoint",
         "cache_key": None,
@@ -223,9 +222,8 @@ def ensemble_teacher(
         slot.load_state_dict(member.state_dict())
     val = evaluate(ensemble, data.val, data, runtime, cfg.train.eval_batch_size)
     test = evaluate(ensemble, data.test, data, runtime, cfg.train.eval_batch_size)
-    if distributed.is_main():
-        save_model(run_dir / "teacher.pt", ensemble, cfg.teacher, data.spec)
-    identities = [m.get("cache_key") or m.get("checkpoint_sha256") for m in member_metrics]
+    save_run_model(run_dir / "teacher.pt", ensemble, cfg.teacher, data.spec)
+    identities = [model_identity(m) for m in member_metrics]
     log.info("teacher: ensemble of %d, test acc %.2f%%", len(members), 100 * test["acc"])
     return ensemble, {
         "source": "ensemble",
@@ -288,8 +286,7 @@ def reusable_stage(
         model, metrics = trained[0]
         return model, {**metrics, "cache_key": entry.key}
     model = load_model(entry.model_path, model_cfg, data.spec, key=f"cache entry {entry.dir}").to(runtime.device)
-    if distributed.is_main():
-        _link_or_skip(entry.model_path, run_dir / f"{name}.pt")
+    _link_or_skip(entry.model_path, run_dir / f"{name}.pt")
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
     log.info(
         "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
@@ -330,11 +327,7 @@ def teacher_logits(
         log.info("teacher logits for %d training images in %.1f s", len(split), time.perf_counter() - started)
         return logits, labels
 
-    identity = (
-        teacher_metrics.get("cache_key")
-        or teacher_metrics.get("checkpoint_sha256")
-        or teacher_metrics.get("ensemble_key")
-    )
+    identity = model_identity(teacher_metrics)
     if cache is None or identity is None or not distributed.is_main():  # other ranks: no shared temp file
         return compute()[0], "cached in memory"
     fields = {
@@ -440,8 +433,7 @@ def train_stage(
     best = with_state(result.model, result.best_state)
     last_test = evaluate(result.model, data.test, data, runtime, cfg.train.eval_batch_size)
     best_test = evaluate(best, data.test, data, runtime, cfg.train.eval_batch_size)
-    if distributed.is_main():
-        save_model(run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
+    save_run_model(run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
     return best, {
         "source": "trained",
         "cache_key": None,
@@ -487,8 +479,18 @@ def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
     }
 
 
+def save_run_model(path: Path, model: nn.Module, model_cfg: DictConfig, spec, **meta: Any) -> None:
+    """``save_model`` into the run dir, by the process that writes the run's files (rank 0 of a distributed run)."""
+    if distributed.is_main():
+        save_model(path, model, model_cfg, spec, **meta)
+
+
 def _link_or_skip(src: Path, dst: Path) -> None:
-    """Give the run dir its ``<stage>.pt`` as a hard link to the cache entry (no copy); skip across filesystems."""
+    """Give the run dir its ``<stage>.pt`` as a hard link to the cache entry (no copy); skip across filesystems.
+
+    Rank 0 of a distributed run alone does it."""
+    if not distributed.is_main():
+        return
     try:
         dst.unlink(missing_ok=True)
         os.link(src, dst)

@@ -24,6 +24,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.cache import model_identity
 from kdrun.errors import KdrunError
 from kdrun.heatmap import Point, plot_grid
 
@@ -327,11 +328,11 @@ def _reference_lines(jobs: list[Job]) -> list[str]:
         for job in jobs:
             m = job.metrics
             if job.status == "ok" and f"{stage}.test_acc" in m:
-                identity = (  # what makes two runs' teachers the same model; without one, each seed's is its own
-                    m.get(f"{stage}.cache_key")
-                    or m.get(f"{stage}.checkpoint_sha256")
-                    or m.get(f"{stage}.ensemble_key")
-                    or (m.get(f"{stage}.model"), m.get("config.seed"), m[f"{stage}.test_acc"])
+                # Without an identity each seed's model is its own.
+                identity = model_identity(m, f"{stage}.") or (
+                    m.get(f"{stage}.model"),
+                    m.get("config.seed"),
+                    m[f"{stage}.test_acc"],
                 )
                 distinct.setdefault(identity, m)
         by_model: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
