@@ -1,3 +1,3 @@
-from kdrun.cli import main
+from kdrun.cli.main import main
 
 main()

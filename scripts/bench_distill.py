@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdrun.data import build_data
-from kdrun.engine import evaluate, fit, predict
 from kdrun.losses import CrossEntropy, build_objective
 from kdrun.models import build_model
-from kdrun.optim import build_optimizer
-from kdrun.runtime import resolve_runtime
+from kdrun.training.loop import Stage, fit
+from kdrun.training.optim import build_optimizer
+from kdrun.training.predict import evaluate, predict
+from kdrun.training.runtime import resolve_runtime
+from kdrun.training.teacher import CachedLogits, OnlineTeacher, TeacherSource
 
 TEACHER = {"name": "resnet18", "stem": "imagenet"}  # torchvision resnet18, 1-channel 7x7 stride-2 stem
 STUDENT = {"name": "small_cnn", "channels": [16, 32], "hidden": 128, "dropout": 0.1}
@@ -72,7 +75,7 @@ def classic_ce_epoch(student, loader, lr: float) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="../shared/data", help="folder with MNIST/raw (torchvision layout)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -91,57 +94,94 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: time at least 1 epoch per side")
+    return args
 
-    device = torch.device("cpu")
-    data = build_data({"name": "mnist", "root": args.root, "download": False, "val_fraction": 0.1}, device)
-    spec, n = data.spec, len(data.train)
-    recipe = OmegaConf.create({"epochs": 1, "batch_size": args.batch_size, "lr": args.lr})
-    adam, no_sched = OmegaConf.create({"name": "adam"}), OmegaConf.create({"name": "none"})
-    print(f"MNIST: {n} training images, batch {args.batch_size}, Adam {args.lr}, {torch.get_num_threads()} threads")
 
-    # The same images for the reference loops: torchvision's MNIST restricted to kdrun's training split (the
-    # complement of its seeded validation carve, split_seed 0), normalised with the same statistics.
-    mean, std = data.transform.mean.item(), data.transform.std.item()
-    transform = torchvision.transforms.Compose(
-        [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((mean,), (std,))]
-    )
-    mnist = torchvision.datasets.MNIST(args.root, train=True, transform=transform)
-    order = torch.randperm(len(mnist), generator=torch.Generator().manual_seed(0))
-    train_indices = order[len(mnist) - n :].sort().values
-    assert torch.equal(mnist.data[train_indices].unsqueeze(1), data.train.images), "not the same training images"
+class Bench:
+    """MNIST as kdrun holds it, the same training images behind a torchvision DataLoader, and both training loops."""
 
-    def loader(seed):
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.data = build_data({"name": "mnist", "root": args.root, "download": False, "val_fraction": 0.1}, "cpu")
+        self.n = len(self.data.train)
+        adam, no_sched = OmegaConf.create({"name": "adam"}), OmegaConf.create({"name": "none"})
+        self.stage = Stage("bench", 1, args.batch_size, args.lr, adam, no_sched, args.seed, eval_batch_size=1024)
+        print(
+            f"MNIST: {self.n} training images, batch {args.batch_size}, Adam {args.lr}, "
+            f"{torch.get_num_threads()} threads"
+        )
+        # The same images for the reference loops: torchvision's MNIST restricted to kdrun's training split (the
+        # complement of its seeded validation carve, split_seed 0), normalised with the same statistics.
+        mean, std = self.data.transform.mean.item(), self.data.transform.std.item()
+        transform = torchvision.transforms.Compose(
+            [torchvision.transforms.ToTensor(), torchvision.transforms.Normalize((mean,), (std,))]
+        )
+        self.mnist = torchvision.datasets.MNIST(args.root, train=True, transform=transform)
+        order = torch.randperm(len(self.mnist), generator=torch.Generator().manual_seed(0))
+        self.train_indices = order[len(self.mnist) - self.n :].sort().values
+        same = torch.equal(self.mnist.data[self.train_indices].unsqueeze(1), self.data.train.images)
+        assert same, "not the same training images"
+
+    def loader(self, seed: int) -> DataLoader:
         return DataLoader(
-            Subset(mnist, train_indices.tolist()),
-            batch_size=args.batch_size,
+            Subset(self.mnist, self.train_indices.tolist()),
+            batch_size=self.args.batch_size,
             shuffle=True,
-            num_workers=args.workers,
+            num_workers=self.args.workers,
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def student(seed=args.seed):
-        torch.manual_seed(seed)
-        return build_model(STUDENT, spec)
+    def student(self, seed: int | None = None):
+        torch.manual_seed(self.args.seed if seed is None else seed)
+        return build_model(STUDENT, self.data.spec)
 
-    def kdrun_epoch(runtime, objective, teacher=None, logits=None, seed=args.seed):
-        model = student(seed)
-        result = fit(
-            "bench", model, objective, data, recipe, adam, no_sched, runtime, seed, None, teacher, 1024, logits
-        )
+    def kdrun_epoch(self, runtime, objective, teacher=None, logits=None, seed: int | None = None):
+        """One kdrun epoch of a fresh student: with cached ``logits``, else the ``teacher`` online, else CE alone."""
+        seed = self.args.seed if seed is None else seed
+        model = self.student(seed)
+        if logits is not None:
+            source = CachedLogits(logits)
+        else:
+            source = OnlineTeacher(teacher) if teacher is not None else TeacherSource()
+        result = fit(replace(self.stage, seed=seed), model, objective, self.data, source, runtime)
         return model, result.train_time_s
 
-    # 1. Data path, CE only. The reference runs first, before kdrun tunes the process (see keep_freed_memory).
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    runtime, plain, ce_time = data_path(bench)
+    cifar_like_data_path(args, runtime)
+    if args.only_data_path:
+        return
+
+    # A teacher to distil from, trained by kdrun.
+    torch.manual_seed(args.seed)
+    teacher = build_model(TEACHER, bench.data.spec)
+    fit(replace(bench.stage, name="teacher", epochs=args.teacher_epochs), teacher, CrossEntropy(), bench.data,
+        TeacherSource(), runtime)  # fmt: skip
+    teacher.eval()
+    print(f"\nteacher resnet18: test acc {evaluate(teacher, bench.data.test, bench.data, runtime, 1024)['acc']:.4f}")
+
+    logits, logits_time = teacher_outputs(bench, runtime, teacher, ce_time)
+    classic_vs_kdrun(bench, runtime, plain, teacher, logits, logits_time)
+
+
+def data_path(bench: Bench):
+    """Section 1: the data path, CE only. Returns kdrun's default and plain runtimes and the median CE epoch."""
+    args, n = bench.args, bench.n
+    # The reference runs first, before kdrun tunes the process (see keep_freed_memory).
     # Each side is timed over several epochs and their medians are compared: this machine's speed drifts by
     # 10-20% from one epoch to the next (shared cores), which one epoch per side would pass on to the ratio.
-    ref_times = [classic_ce_epoch(student(), loader(args.seed), args.lr) for _ in range(args.repeats)]
+    ref_times = [classic_ce_epoch(bench.student(), bench.loader(args.seed), args.lr) for _ in range(args.repeats)]
     runtime = resolve_runtime("cpu", progress=False)  # kdrun's defaults on this machine
     plain = resolve_runtime("cpu", "off", False, channels_last=False)
     print(f"kdrun defaults here: amp={runtime.amp}, channels_last={runtime.channels_last}")
-    ce_times = [kdrun_epoch(runtime, CrossEntropy())[1] for _ in range(args.repeats)]
+    ce_times = [bench.kdrun_epoch(runtime, CrossEntropy())[1] for _ in range(args.repeats)]
     ref_time, ce_time = statistics.median(ref_times), statistics.median(ce_times)
-    _, plain_time = kdrun_epoch(plain, CrossEntropy())
-    tuned_ref_time = classic_ce_epoch(student(), loader(args.seed), args.lr)
-    ceiling = fixed_batch_img_per_s(student(), data, runtime, args.batch_size, args.lr)
+    _, plain_time = bench.kdrun_epoch(plain, CrossEntropy())
+    tuned_ref_time = classic_ce_epoch(bench.student(), bench.loader(args.seed), args.lr)
+    ceiling = fixed_batch_img_per_s(bench.student(), bench.data, runtime, args.batch_size, args.lr)
     print(
         f"\n1. data path (student CE epoch, median of {args.repeats}): DataLoader {n / ref_time:.0f} img/s, "
         f"kdrun {n / ce_time:.0f} img/s"
@@ -153,26 +193,18 @@ def main() -> None:
         f"\n   the student's own floor: the same steps on one fixed batch, no data path at all, {ceiling:.0f} img/s "
         f"(ratio at most {ceiling * ref_time / n:.2f}x for any data path)"
     )
-    cifar_like_data_path(args, runtime)
+    return runtime, plain, ce_time
 
-    if args.only_data_path:
-        return
 
-    # A teacher to distil from, trained by kdrun.
-    torch.manual_seed(args.seed)
-    teacher = build_model(TEACHER, spec)
-    teacher_recipe = OmegaConf.create({"epochs": args.teacher_epochs, "batch_size": args.batch_size, "lr": args.lr})
-    fit("teacher", teacher, CrossEntropy(), data, teacher_recipe, adam, no_sched, runtime, args.seed)
-    teacher.eval()
-    print(f"\nteacher resnet18: test acc {evaluate(teacher, data.test, data, runtime, 1024)['acc']:.4f}")
-
-    # 2. Teacher outputs: cached logits vs CE-only; online teacher vs CE-only.
+def teacher_outputs(bench: Bench, runtime, teacher, ce_time: float):
+    """Section 2: cached logits vs CE-only; online teacher vs CE-only. Returns the logits and their one-off time."""
+    args, data = bench.args, bench.data
     kd = build_objective({"name": "kd"}, args.T, args.alpha)
     start = time.perf_counter()
     logits, _ = predict(teacher, data.train, data, runtime, 1024)
     logits_time = time.perf_counter() - start
-    cached_time = statistics.median(kdrun_epoch(runtime, kd, logits=logits)[1] for _ in range(args.repeats))
-    _, online_time = kdrun_epoch(runtime, kd, teacher=teacher)
+    cached_time = statistics.median(bench.kdrun_epoch(runtime, kd, logits=logits)[1] for _ in range(args.repeats))
+    _, online_time = bench.kdrun_epoch(runtime, kd, teacher=teacher)
     print(
         f"\n2. distillation epoch / CE-only epoch (medians): cached logits {cached_time / ce_time:.2f}x "
         f"(target <= 1.15x), online teacher {online_time / ce_time:.2f}x"
@@ -181,15 +213,22 @@ def main() -> None:
         f"   CE {ce_time:.1f} s, cached {cached_time:.1f} s (+ {logits_time:.1f} s once for the logits), "
         f"online {online_time:.1f} s"
     )
+    return logits, logits_time
 
-    # 3. The classic loop (fp32 teacher) vs kdrun's distillation epoch, same models, batch size and steps, per seed.
+
+def classic_vs_kdrun(bench: Bench, runtime, plain, teacher, logits, logits_time: float) -> None:
+    """Section 3: the classic loop (fp32 teacher) vs kdrun's distillation epoch, same models, batch size and steps,
+    per seed."""
+    args, data = bench.args, bench.data
+    kd = build_objective({"name": "kd"}, args.T, args.alpha)
     teacher_fp32 = teacher.to(memory_format=torch.contiguous_format)
     classic_times, classic_accs, kdrun_times, kdrun_accs = [], [], [], []
     for seed in range(args.seed, args.seed + args.seeds):
-        classic_student = student(seed)
-        classic_times.append(classic_kd_epoch(classic_student, teacher_fp32, loader(seed), args.T, args.alpha, args.lr))
+        classic_student = bench.student(seed)
+        loader = bench.loader(seed)
+        classic_times.append(classic_kd_epoch(classic_student, teacher_fp32, loader, args.T, args.alpha, args.lr))
         classic_accs.append(evaluate(classic_student, data.test, data, plain, 1024)["acc"])
-        kdrun_student, seconds = kdrun_epoch(runtime, kd, logits=logits, seed=seed)
+        kdrun_student, seconds = bench.kdrun_epoch(runtime, kd, logits=logits, seed=seed)
         kdrun_times.append(seconds)
         kdrun_accs.append(evaluate(kdrun_student, data.test, data, runtime, 1024)["acc"])
     classic_time, kdrun_time = sum(classic_times) / len(classic_times), sum(kdrun_times) / len(kdrun_times)
@@ -252,12 +291,10 @@ def cifar_like_data_path(args, runtime) -> None:
     )
     torch.manual_seed(args.seed)
     ref_time = classic_ce_epoch(build_model(STUDENT, data.spec), loader, args.lr)
-    recipe = OmegaConf.create({"epochs": 1, "batch_size": args.batch_size, "lr": args.lr})
+    adam, no_sched = OmegaConf.create({"name": "adam"}), OmegaConf.create({"name": "none"})
+    bench = Stage("bench", 1, args.batch_size, args.lr, adam, no_sched, args.seed)
     torch.manual_seed(args.seed)
-    result = fit(
-        "bench", build_model(STUDENT, data.spec), CrossEntropy(), data, recipe,
-        OmegaConf.create({"name": "adam"}), OmegaConf.create({"name": "none"}), runtime, args.seed,
-    )  # fmt: skip
+    result = fit(bench, build_model(STUDENT, data.spec), CrossEntropy(), data, TeacherSource(), runtime)
     m = len(data.train)
     print(
         f"   32x32 RGB, CIFAR-10 augmentation, {m} images: DataLoader {m / ref_time:.0f} img/s, "

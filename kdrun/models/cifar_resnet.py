@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from kdrun.models import MODELS
+from kdrun.models.registry import MODELS
 
 
 class BasicBlock(nn.Module):
@@ -15,7 +15,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.core.errors import KdrunError
 from kdrun.data import DataSpec
-from kdrun.errors import KdrunError
-from kdrun.models import MODELS, build_model
+from kdrun.models.registry import MODELS, build_model
 
 
 @MODELS.register("ensemble")
@@ -27,7 +27,7 @@ class Ensemble(nn.Module):
         self.temperature = float(temperature)
 
     def default_taps(self, example: torch.Tensor):
-        """None to choose from (see ``kdrun.features``): the members' layers are not one network's stages."""
+        """None to choose from (see ``kdrun.models.features``): the members' layers are not one network's stages."""
         raise KdrunError(
             "teacher=ensemble has no default feature taps: name one member's layers with loss.teacher_layers, "
             "e.g. loss.teacher_layers=[members.0.layer3]"

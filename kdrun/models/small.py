@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from kdrun.errors import KdrunError
-from kdrun.models import MODELS
+from kdrun.core.errors import KdrunError
+from kdrun.models.registry import MODELS
 
 
 def _pooled_size(image_size: int, n_pools: int, model: str) -> int:

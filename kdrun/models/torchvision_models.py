@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from kdrun.errors import KdrunError
+from kdrun.core.errors import KdrunError
 
 STEMS = ("auto", "small", "imagenet")
 SMALL_IMAGE_MAX = 16  # stem=auto uses the small stem at or below this side length
@@ -68,11 +68,16 @@ def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> None:
                 break
     elif conv.in_channels != in_channels:
         new = nn.Conv2d(
-            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+            in_channels,
+            conv.out_channels,
+            conv.kernel_size,  # type: ignore[arg-type]  # a Conv2d's own sizes are pairs
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            bias=conv.bias is not None,
         )
         with torch.no_grad():  # keep pretrained filters: average them over the old input channels
             new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:
                 new.bias.copy_(conv.bias)
     else:
         return

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from kdrun.models import MODELS
 from kdrun.models.cifar_resnet import kaiming_init, make_stages
+from kdrun.models.registry import MODELS
 
 
 class WideBlock(nn.Module):

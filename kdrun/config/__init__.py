@@ -1,0 +1,1 @@
+"""Checks of the composed config: every user-facing value, before any work starts."""

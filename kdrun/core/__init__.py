@@ -1,0 +1,1 @@
+"""Building blocks every layer uses: errors, registries, atomic files, key roles, processes, signals."""

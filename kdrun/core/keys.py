@@ -1,0 +1,81 @@
+"""One table of what each config key is for: what identifies a cached artefact, what must match to resume a
+run, and what names a multirun job's folder. Every place that needs to know reads it from here."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kdrun.core.registry import to_dict
+
+
+@dataclass(frozen=True)
+class Role:
+    """The parts a key plays; a key missing from ``ROLES`` plays all three."""
+
+    identifies: bool = True  # part of the identity of the data (and so of a cached model or logits)
+    resumes: bool = True  # a resumed run must have the same value
+    names_run: bool = True  # shown in a multirun job's folder name (hydra.job.override_dirname)
+
+
+WHERE = Role(identifies=False, resumes=False, names_run=False)  # where things live, how progress shows
+BUDGET = Role(identifies=False)  # how long or on how much to train: the recipe (train.*) carries it
+
+ROLES: dict[str, Role] = {
+    "dataset.root": WHERE,  # except for datasets whose root *is* the data (``ROOT_IS_THE_DATA``)
+    "dataset.download": WHERE,
+    "dataset.num_workers": WHERE,
+    "cache.dir": WHERE,
+    "train.progress": WHERE,
+    "dataset.epochs": BUDGET,
+    "dataset.batch_size": BUDGET,
+    "dataset.student_max_samples": BUDGET,
+    "device": Role(identifies=False, names_run=False),
+    "teacher.checkpoint": Role(identifies=False, names_run=False),  # identified by the file's hash instead
+    "cache": Role(names_run=False),
+    "hparams_search": Role(names_run=False),
+}
+ROOT_IS_THE_DATA = {"imagefolder"}
+
+# What makes two runs' stage models the same model, in the metrics of a stage, in this order.
+MODEL_IDENTITY_KEYS = ("cache_key", "checkpoint_sha256", "ensemble_key")
+
+
+def role(key: str) -> Role:
+    return ROLES.get(key, Role())
+
+
+def run_name_excluded() -> list[str]:
+    """The keys left out of a multirun job's folder name (Hydra's ``override_dirname.exclude_keys``)."""
+    return [k for k, r in ROLES.items() if not r.names_run]
+
+
+def not_resumed() -> list[str]:
+    """The keys that may change between a run and its resumption."""
+    return [k for k, r in ROLES.items() if not r.resumes]
+
+
+def dataset_identity(cfg: Any) -> dict[str, Any]:
+    """The dataset config reduced to what determines the images and splits a model is trained and tested on."""
+    options = to_dict(cfg)
+    identity = {k: v for k, v in options.items() if role(f"dataset.{k}").identifies}
+    if options.get("name") in ROOT_IS_THE_DATA and options.get("root"):
+        identity["root"] = os.path.abspath(os.path.expanduser(str(options["root"])))
+    return identity
+
+
+def model_identity(metrics: Mapping[str, Any], prefix: str = "") -> str | None:
+    """What makes two runs' stage models the same: the cache key, the checkpoint's hash or the ensemble's key
+    (``prefix`` for flattened metrics, e.g. ``"teacher."``); None for a model trained outside the cache."""
+    return next((metrics[prefix + k] for k in MODEL_IDENTITY_KEYS if metrics.get(prefix + k)), None)
+
+
+def register_resolvers() -> None:
+    """``${kdrun_keys:run_name_excluded}`` in the YAML reads this table (idempotent)."""
+    from omegaconf import OmegaConf
+
+    tables = {"run_name_excluded": run_name_excluded, "not_resumed": not_resumed}
+    if not OmegaConf.has_resolver("kdrun_keys"):
+        OmegaConf.register_new_resolver("kdrun_keys", lambda name: tables[name]())

@@ -1,0 +1,19 @@
+"""KD methods: one file per method behind one contract (``base.Objective``), each registered by its option
+name in ``conf/loss/``."""
+
+from kdrun.losses import at, ce, dkd, fitnet, kd, mse, rkd, soft_ce  # noqa: F401 - registers them
+from kdrun.losses.base import LOSSES, HardSoft, LossInput, Objective, Terms, build_objective, standardize
+from kdrun.losses.ce import CrossEntropy
+from kdrun.losses.feature import FeatureObjective
+
+__all__ = [
+    "LOSSES",
+    "CrossEntropy",
+    "FeatureObjective",
+    "HardSoft",
+    "LossInput",
+    "Objective",
+    "Terms",
+    "build_objective",
+    "standardize",
+]

@@ -1,0 +1,55 @@
+"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017): match spatial attention maps of paired stages."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdrun.core.errors import KdrunError
+from kdrun.losses.base import LOSSES
+from kdrun.losses.feature import FeatureObjective
+
+
+def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: mean over channels of |f|^p, flattened and L2-normalised."""
+    return F.normalize(feature.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Mean squared difference of the two attention maps; the larger map is average-pooled to the smaller's size."""
+    s_size, t_size = student.shape[2:], teacher.shape[2:]
+    if s_size != t_size:
+        size = (min(s_size[0], t_size[0]), min(s_size[1], t_size[1]))
+        student, teacher = F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+    return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+
+
+@LOSSES.register("at")
+class AttentionTransfer(FeatureObjective):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): match the spatial attention maps of paired stage
+    outputs, summed over the pairs. Default taps: every stage (the deepest ones pair up)."""
+
+    def __init__(
+        self, T=4.0, alpha=0.2, at_weight: float = 1000.0, p: float = 2.0, student_layers=None, teacher_layers=None
+    ):
+        super().__init__(T, alpha, student_layers, teacher_layers)
+        self.at_weight, self.p = float(at_weight), float(p)
+
+    def weights(self):
+        return {"at": self.at_weight}
+
+    def build(self, student_shapes, teacher_shapes):
+        for role, layers, shapes in (
+            ("student", self.student_layers, student_shapes),
+            ("teacher", self.teacher_layers, teacher_shapes),
+        ):
+            for layer, shape in zip(layers, shapes, strict=True):
+                if len(shape) != 4:
+                    raise KdrunError(
+                        f"loss=at needs spatial feature maps, but the {role}'s layer {layer!r} gives shape "
+                        f"{list(shape)}; tap convolutional layers (loss.{role}_layers) or use another loss"
+                    )
+
+    def feature_terms(self, student, teacher):
+        losses = [attention_transfer(s, t, self.p) for s, t in zip(student, teacher, strict=True)]
+        return {"at": torch.stack(losses).sum()}

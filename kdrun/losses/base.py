@@ -1,0 +1,104 @@
+"""The contract every KD method follows, and the helpers that several share.
+
+A method is a ``nn.Module`` subclass of ``Objective`` registered in ``LOSSES`` under its option name, in a
+file of its own in this package, with a YAML in ``conf/loss/``. The training loop calls it with one
+``LossInput`` per step and gets ``(total, terms)``: ``terms`` holds every named term unweighted (``ce``,
+``kd``, ...), so each one is logged without extra code. Convention for the logit-distillation losses:
+
+    L = alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))
+
+with KL summed over classes and averaged over the batch ("batchmean"): the ``kd`` term is T^2 * KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdrun.core.registry import Registry
+
+LOSSES = Registry("loss")
+Terms = dict[str, torch.Tensor]
+
+
+@dataclass
+class LossInput:
+    """What one training step gives a method: both models' logits (and features at the named layers), the
+    labels (class indices, or a mixed distribution over classes) and each sample's index in the training split
+    (for methods with a per-sample memory, e.g. CRD)."""
+
+    student: torch.Tensor
+    labels: torch.Tensor
+    teacher: torch.Tensor | None = None
+    student_features: list[torch.Tensor] = field(default_factory=list)
+    teacher_features: list[torch.Tensor] = field(default_factory=list)
+    index: torch.Tensor | None = None
+
+
+class Objective(nn.Module):
+    """Base class of every method.
+
+    ``needs_teacher``: the loop must supply teacher logits; ``uses_features``: also both models' features at
+    ``student_layers`` / ``teacher_layers``, resolved by ``bind`` before training. Learnable parts (FitNet's
+    adapters) are submodules: they train with the student, and their state is saved with the training state.
+    """
+
+    needs_teacher = True
+    uses_features = False
+    student_layers: list[str] = []
+    teacher_layers: list[str] = []
+
+    def __init__(self, T: float = 4.0, alpha: float = 0.2):
+        super().__init__()
+        self.T, self.alpha = float(T), float(alpha)
+
+    def describe(self) -> str:
+        """One line with the formula and both weights spelled out, logged at the start of distillation."""
+        return type(self).__name__
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop at the start of every epoch (1-based), for methods with a warm-up."""
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
+        """Resolve anything that depends on the two models (layers, adapter shapes) before training."""
+
+    def forward(self, inputs: LossInput) -> tuple[torch.Tensor, Terms]:
+        raise NotImplementedError
+
+
+class HardSoft(Objective):
+    """alpha * CE(y, s) + (1 - alpha) * soft_term(s, t); subclasses define the soft term and its formula."""
+
+    formula = ""
+
+    def soft_term(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        temperature = f" with T={self.T:g}" if "T" in self.formula else ""
+        return (
+            f"L = {self.alpha:g} * CE(y, s) + {1 - self.alpha:g} * {self.formula}{temperature} "
+            f"(CE weight {self.alpha:g}, KD weight {1 - self.alpha:g})"
+        )
+
+    def forward(self, inputs: LossInput) -> tuple[torch.Tensor, Terms]:
+        if inputs.teacher is None:
+            raise ValueError(f"{type(self).__name__} needs teacher logits")
+        student, teacher = inputs.student.float(), inputs.teacher.float()
+        ce = F.cross_entropy(student, inputs.labels)
+        kd = self.soft_term(student, teacher)
+        return self.alpha * ce + (1 - self.alpha) * kd, {"ce": ce, "kd": kd}
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each sample's logits minus their mean, divided by their standard deviation (Sun et al., CVPR 2024)."""
+    return (logits - logits.mean(1, keepdim=True)) / (logits.std(1, keepdim=True) + eps)
+
+
+def build_objective(cfg: Any, T: float, alpha: float) -> Objective:
+    """The method that the ``loss`` config node names, with the run's T and alpha."""
+    return LOSSES.build(cfg, "loss", T=T, alpha=alpha)

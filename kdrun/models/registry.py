@@ -1,0 +1,89 @@
+"""The model registry and ``build_model(cfg, spec)``: a leaf module that the model families register into.
+
+A model is a registered builder ``fn(num_classes, in_channels, image_size, **options)``; the YAML in
+``conf/model/`` names it and sets its options. A config with ``_target_`` builds any importable class
+instead, and ``name`` may be any torchvision classification model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.nn as nn
+from hydra.utils import get_class, instantiate
+
+from kdrun.core.errors import KdrunError
+from kdrun.core.registry import Registry, to_dict
+from kdrun.data import DataSpec
+from kdrun.models.torchvision_models import STEMS, build_torchvision, torchvision_names
+
+MODELS = Registry("model")
+
+# Keys of a teacher/student node that describe where weights come from, not the architecture.
+ROLE_KEYS = ("checkpoint",)
+
+
+def architecture_cfg(cfg: Any) -> dict[str, Any]:
+    """The part of a teacher/student config that determines the architecture (what a checkpoint records)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in ROLE_KEYS}
+
+
+def model_name(cfg: Any) -> str:
+    arch = architecture_cfg(cfg)
+    return str(arch.get("_target_") or arch.get("name"))
+
+
+def build_model(cfg: Any, spec: DataSpec, key: str = "model") -> nn.Module:
+    """Build the model that ``cfg`` (a teacher/student node) describes, sized for ``spec``."""
+    arch = architecture_cfg(cfg)
+    sizes = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": spec.image_size}
+    if "_target_" in arch:
+        arch.pop("name", None)
+        try:
+            params = inspect.signature(get_class(arch["_target_"])).parameters
+        except Exception as e:  # import errors, a path that is no class
+            raise KdrunError(f"{key}._target_={arch['_target_']!r} cannot be imported: {e}") from e
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        extra = {k: v for k, v in sizes.items() if k not in arch and (takes_all or k in params)}
+        return instantiate(arch, **extra)
+    check_model_cfg(arch, key)
+    name = str(arch.pop("name"))
+    if name in MODELS:
+        return MODELS.get(name)(**sizes, **arch)
+    return build_torchvision(name, **sizes, **arch)  # type: ignore[arg-type]  # options checked above
+
+
+def check_model_cfg(cfg: Any, key: str = "model") -> None:
+    """Raise a one-line ``KdrunError`` if ``cfg`` names no known model or an invalid stem (``_target_`` passes)."""
+    arch = architecture_cfg(cfg)
+    if "_target_" in arch:
+        return
+    name = arch.get("name")
+    if name not in MODELS and name not in torchvision_names():
+        raise KdrunError(
+            f"{key}.name={name!r} is not a known model; choose one of: {', '.join(MODELS.names())}, "
+            "or any torchvision classification model name"
+        )
+    if arch.get("stem", "auto") not in STEMS:
+        raise KdrunError(f"{key}.stem={arch['stem']!r} is invalid; choose one of: {', '.join(STEMS)}")
+    if name == "ensemble":
+        if key == "student":
+            raise KdrunError("student=ensemble is not supported: an ensemble can only be the teacher")
+        members = arch.get("members")
+        if not isinstance(members, (list, tuple)) or len(members) < 2:
+            raise KdrunError(f"teacher.members must list at least 2 teacher configs, got {members!r}")
+        for i, member in enumerate(members):
+            check_model_cfg(member, f"teacher.members[{i}]")
+    if name in MODELS:
+        sizes = ("num_classes", "in_channels", "image_size")
+        options = [p for p in inspect.signature(MODELS.get(str(name))).parameters if p not in sizes]
+        unknown = sorted(k for k in arch if k != "name" and k not in options)
+        if unknown:
+            raise KdrunError(
+                f"{key}.{unknown[0]} is not an option of {name}; its options are: {', '.join(options) or 'none'}"
+            )
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

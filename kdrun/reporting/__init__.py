@@ -1,0 +1,1 @@
+"""A run's numbers made readable: evaluation report, figures, sweep summary and heatmaps, exports."""

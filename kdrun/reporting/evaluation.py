@@ -1,0 +1,170 @@
+"""What distillation bought: accuracy, fidelity to the teacher, calibration, and what each model costs.
+
+Fidelity follows Stanton et al. (NeurIPS 2021): top-1 agreement with the teacher and the mean
+KL(teacher || student) at T=1, next to accuracy, which alone hides how closely a student matches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+)
+
+from kdrun.core.modes import eval_mode
+from kdrun.data import Data, DataSpec, Split
+from kdrun.models import count_params
+from kdrun.training.predict import predict
+from kdrun.training.runtime import Runtime
+
+
+def prediction_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None, bins: int = 15
+) -> dict[str, Any]:
+    """Top-1/top-5 and per-class accuracy, expected calibration error (``bins`` equal-width bins, L1) and, given
+    the teacher's logits for the same samples, top-1 agreement and mean KL(teacher || student) at T=1."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    num_classes = logits.shape[1]
+    out: dict[str, Any] = {
+        "acc": multiclass_accuracy(logits, labels, num_classes, average="micro").item(),
+        "top5": (
+            multiclass_accuracy(logits, labels, num_classes, top_k=5, average="micro").item()
+            if num_classes > 5
+            else None
+        ),
+        "per_class_acc": multiclass_accuracy(logits, labels, num_classes, average=None).tolist(),
+        "ece": multiclass_calibration_error(logits, labels, num_classes, n_bins=bins, norm="l1").item(),
+    }
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.float().cpu()
+        out["agreement"] = (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+        out["kl_to_teacher"] = F.kl_div(
+            F.log_softmax(logits, 1), F.log_softmax(teacher_logits, 1), log_target=True, reduction="batchmean"
+        ).item()
+    return out
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, list[float]]:
+    """Per confidence bin (equal width on [0, 1]): mean confidence, accuracy and sample count, for a diagram."""
+    confidence, predicted = F.softmax(logits.float(), 1).max(1)
+    correct = (predicted == labels).float()
+    index = torch.clamp((confidence * bins).long(), max=bins - 1)
+    count = torch.bincount(index, minlength=bins).float()
+    mean_conf = torch.bincount(index, confidence, minlength=bins) / count.clamp(min=1)
+    accuracy = torch.bincount(index, correct, minlength=bins) / count.clamp(min=1)
+    return {"confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(), "count": count.long().tolist()}
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Counts [true class, predicted class]."""
+    return multiclass_confusion_matrix(logits.float().cpu(), labels.cpu(), logits.shape[1])
+
+
+def flops_per_image(model: nn.Module, spec: DataSpec) -> int:
+    """Floating-point operations of one forward pass on one image (a multiply-add counts 2), by torch's counter."""
+    device = next(model.parameters()).device
+    x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def timed_forward(
+    model: nn.Module, spec: DataSpec, runtime: Runtime, batch_size: int, repeats: int, warmup: int
+) -> list[float]:
+    """Wall times (s) of ``repeats`` forward passes on a batch of ``batch_size`` after ``warmup`` untimed ones, in
+    eval mode with the run's device, AMP, memory format and compile settings."""
+    forward = runtime.forward(runtime.prepare(model))
+    x = runtime.inputs(
+        torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, device=runtime.device)
+    )
+    times = []
+    with eval_mode(model), torch.inference_mode(), runtime.autocast():
+        for i in range(warmup + repeats):
+            _sync(runtime.device)
+            start = time.perf_counter()
+            forward(x)
+            _sync(runtime.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def cost_metrics(
+    model: nn.Module, spec: DataSpec, runtime: Runtime, checkpoint: Path | None, cfg: Any
+) -> dict[str, Any]:
+    """Parameters, FLOPs per image, checkpoint size, median batch-1 latency and throughput at a large batch."""
+    latency = timed_forward(model, spec, runtime, 1, int(cfg.latency_repeats), int(cfg.warmup))
+    batch = int(cfg.throughput_batch)
+    big = timed_forward(model, spec, runtime, batch, max(3, int(cfg.latency_repeats) // 10), 1)
+    return {
+        "params": count_params(model),
+        "flops": flops_per_image(model, spec),
+        "size_mb": checkpoint.stat().st_size / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
+        "latency_ms_b1": 1000 * statistics.median(latency),
+        f"throughput_b{batch}": batch / statistics.median(big),
+    }
+
+
+def evaluate_models(
+    models: dict[str, nn.Module],
+    data: Data,
+    split_name: str,
+    runtime: Runtime,
+    run_dir: Path,
+    run_cfg: Any,
+) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """metrics.json's ``evaluation``: ``models`` (teacher, baseline, student) on the ``split_name`` split (test or
+    val), with where it ran, as the run's ``report`` settings ask; also each model's (logits, labels)."""
+    cfg, batch = run_cfg.report, int(run_cfg.train.eval_batch_size)
+    split: Split = {"test": data.test, "val": data.val}[split_name]
+    outputs = {stage: predict(model, split, data, runtime, batch) for stage, model in models.items()}
+    teacher_logits = outputs["teacher"][0] if "teacher" in outputs else None
+    report: dict[str, Any] = {
+        "split": split_name,
+        "samples": len(split),
+        "device": str(runtime.device),
+        "amp": runtime.amp,
+        "ece_bins": int(cfg.ece_bins),
+    }
+    for stage, model in models.items():
+        logits, labels = outputs[stage]
+        report[stage] = {
+            **prediction_metrics(logits, labels, teacher_logits, int(cfg.ece_bins)),
+            **cost_metrics(model, data.spec, runtime, run_dir / f"{stage}.pt", cfg),
+        }
+    if "teacher" in report and "student" in report:
+        report["student_vs_teacher"] = ratios(report["teacher"], report["student"], int(cfg.throughput_batch))
+    return report, outputs
+
+
+def ratios(teacher: dict[str, Any], student: dict[str, Any], batch: int) -> dict[str, float | None]:
+    """How much cheaper the student is: each a teacher / student ratio (> 1 means the student is cheaper)."""
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    throughput = f"throughput_b{batch}"
+    return {
+        "compression_params": ratio(teacher["params"], student["params"]),
+        "compression_flops": ratio(teacher["flops"], student["flops"]),
+        "compression_checkpoint": ratio(teacher["size_mb"], student["size_mb"]),
+        "speedup_latency_b1": ratio(teacher["latency_ms_b1"], student["latency_ms_b1"]),
+        f"speedup_throughput_b{batch}": ratio(student[throughput], teacher[throughput]),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

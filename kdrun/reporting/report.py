@@ -1,0 +1,201 @@
+"""The run's final numbers: ``metrics.json``, the TensorBoard HParams entry and the printed summary."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kdrun.core.io import write_json
+
+STAGES = ("teacher", "baseline", "student")
+# metrics.json values shown as HParams metrics (tag = "final/<stage>_<key>" or "final/<key>").
+HPARAM_STAGE_METRICS = ("test_acc", "test_acc_best", "val_acc_best")
+HPARAM_RUN_METRICS = ("kd_gain", "objective")
+# From the evaluation section (the saved models on the test split): "final/<stage>_<key>".
+HPARAM_EVAL_METRICS = ("agreement", "kl_to_teacher", "ece", "latency_ms_b1")
+
+
+def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json as the output contract describes it: config, one entry per stage that ran, gain, objective."""
+    metrics: dict[str, Any] = {"config": config}
+    metrics.update({name: stages[name] for name in STAGES if name in stages})
+    if "baseline" in stages and "student" in stages:
+        metrics["kd_gain"] = stages["student"]["test_acc"] - stages["baseline"]["test_acc"]
+    metrics["objective"] = stages["student"]["val_acc_best"]
+    return metrics
+
+
+def write_failure(run_dir: str | os.PathLike, error: str, exc: BaseException) -> None:
+    """``failure.json`` in a failed job's dir: its one-line error, for the sweep summary."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    write_json(Path(run_dir) / "failure.json", {"error": error, "type": type(exc).__name__, "traceback": trace})
+
+
+def hparam_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for stage in STAGES:
+        for key in HPARAM_STAGE_METRICS:
+            if stage in metrics and metrics[stage].get(key) is not None:
+                out[f"final/{stage}_{key}"] = float(metrics[stage][key])
+    out.update({f"final/{k}": float(metrics[k]) for k in HPARAM_RUN_METRICS if k in metrics})
+    evaluation = metrics.get("evaluation") or {}
+    for stage in ("baseline", "student"):
+        for key in HPARAM_EVAL_METRICS:
+            if evaluation.get(stage, {}).get(key) is not None:
+                out[f"final/{stage}_{key}"] = float(evaluation[stage][key])
+    for key, value in (evaluation.get("student_vs_teacher") or {}).items():
+        if value is not None:
+            out[f"final/{key}"] = float(value)
+    return out
+
+
+def write_hparams(writer, metrics: dict[str, Any]) -> None:
+    """One HParams entry for this run, written into the run's own event file (not a sub-run)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    hparam_dict = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in metrics["config"].items()}
+    metric_dict = hparam_metrics(metrics)
+    experiment, session_start, session_end = hparams(hparam_dict, metric_dict)
+    file_writer = writer._get_file_writer()
+    for summary in (experiment, session_start, session_end):
+        file_writer.add_summary(summary)
+    for tag, value in metric_dict.items():
+        writer.add_scalar(tag, value)
+    writer.flush()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """The table printed at the end of a run."""
+    config = metrics["config"]
+    rows = [("stage", "model", "params", "test acc", "test acc @best val", "best val acc", "time")]
+    for stage in STAGES:
+        if stage not in metrics:
+            continue
+        m = metrics[stage]
+        model = config["teacher"] if stage == "teacher" else config["student"]
+        rows.append(
+            (
+                f"{stage} ({m['source']})" if m["source"] != "trained" else stage,
+                model,
+                f"{m['params'] / 1e6:.3f}M",
+                _pct(m["test_acc"]),
+                _pct(m["test_acc_best"]),
+                _pct(m["val_acc_best"]),
+                f"{m['train_time_s']:.1f}s",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if "kd_gain" in metrics:
+        lines.append(f"KD gain (student - baseline test acc, last epoch): {100 * metrics['kd_gain']:+.2f} points")
+    return "\n".join(lines)
+
+
+def _num(x: float | int | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _count(x: float | int | None) -> str:
+    if x is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return str(x)
+
+
+def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = None) -> str:
+    """``report.md``: teacher | baseline | student side by side, student-vs-teacher ratios, per-class accuracy."""
+    config, evaluation = metrics["config"], metrics["evaluation"]
+    stages = [s for s in STAGES if s in evaluation]
+    batch = next(int(k.rsplit("_b", 1)[1]) for k in evaluation[stages[0]] if k.startswith("throughput_b"))
+    rows = [
+        ("top-1 accuracy", "acc", _pct),
+        ("top-5 accuracy", "top5", _pct),
+        ("top-1 agreement with the teacher", "agreement", _pct),
+        ("KL(teacher ‖ model), T=1", "kl_to_teacher", lambda x: _num(x, ".4f")),
+        (f"expected calibration error ({evaluation['ece_bins']} bins)", "ece", lambda x: _num(x, ".4f")),
+        ("parameters", "params", _count),
+        ("FLOPs per image", "flops", _count),
+        ("checkpoint size (MiB)", "size_mb", lambda x: _num(x, ".2f")),
+        ("latency, batch 1 (ms, median)", "latency_ms_b1", lambda x: _num(x, ".2f")),
+        (f"throughput, batch {batch} (img/s)", f"throughput_b{batch}", lambda x: _num(x, ",.0f")),
+    ]
+    models = {"teacher": config["teacher"], "baseline": config["student"], "student": config["student"]}
+    lines = [
+        f"# kdrun report: {config['dataset']}, {config['teacher']} -> {config['student']}",
+        "",
+        f"Loss `{config['loss']}`, T={config['T']}, alpha={config['alpha']}, seed {config['seed']}. "
+        f"Evaluated on the {evaluation['split']} split ({evaluation['samples']} images) on {evaluation['device']} "
+        f"(amp {evaluation['amp']}), with each stage's saved model (its best validation epoch).",
+        "",
+        "| | " + " | ".join(f"{s} ({models[s]})" for s in stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for label, key, show in rows:
+        lines.append(f"| {label} | " + " | ".join(show(evaluation[s].get(key)) for s in stages) + " |")
+    ratios = evaluation.get("student_vs_teacher")
+    if ratios:
+        lines += [
+            "",
+            "**Student vs teacher** (teacher / student; above 1 the student is cheaper): "
+            + ", ".join(f"{k.replace('_', ' ')} {_num(v, '.2f')}x" for k, v in ratios.items())
+            + ".",
+        ]
+    if "kd_gain" in metrics:
+        lines += [
+            "",
+            f"**KD gain** (student - baseline test accuracy, last epoch): {100 * metrics['kd_gain']:+.2f} points.",
+        ]
+    lines += ["", "## Per-class accuracy", "", "| class | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for c in range(len(evaluation[stages[0]]["per_class_acc"])):
+        lines.append(f"| {c} | " + " | ".join(_pct(evaluation[s]["per_class_acc"][c]) for s in stages) + " |")
+    if figures:
+        lines += ["", "## Student figures", ""] + [f"![{name}]({path})" for name, path in figures.items()]
+    if metrics.get("export"):
+        lines += [
+            "",
+            "## Export",
+            "",
+            "| format | file | max abs logit difference | checked with |",
+            "|---|---|---|---|",
+        ]
+        for fmt, e in metrics["export"].items():
+            lines.append(f"| {fmt} | {e['path']} | {e['max_abs_diff']:.2e} | {e['checked_with']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any], outputs: dict, writer=None) -> None:
+    """report.md and the student's reliability diagram and confusion matrix (PNG), also into TensorBoard."""
+    from kdrun.reporting.evaluation import confusion_matrix, reliability_bins
+    from kdrun.reporting.figures import close, confusion_figure, reliability_diagram, save
+
+    evaluation = metrics["evaluation"]
+    logits, labels = outputs["student"]
+    figures = {
+        "reliability": reliability_diagram(
+            reliability_bins(logits, labels, evaluation["ece_bins"]), evaluation["student"]["ece"], "student"
+        ),
+        "confusion": confusion_figure(confusion_matrix(logits, labels), f"student, {evaluation['split']} split"),
+    }
+    files = {}
+    for name, fig in figures.items():
+        files[name] = f"student_{name}.png"
+        save(fig, run_dir / files[name])
+        if writer is not None:
+            writer.add_figure(f"report/student_{name}", fig)  # closes the figure
+        else:
+            close(fig)
+    text = report_markdown(metrics, files)
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "report.md")
+    if writer is not None:
+        writer.add_text("report", text)

@@ -1,0 +1,78 @@
+"""Optimizers and per-step learning-rate schedules, by name (or any ``_target_``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kdrun.core.registry import Registry, to_dict
+
+OPTIMIZERS = Registry("optim")
+OPTIMIZERS.register("sgd")(torch.optim.SGD)
+OPTIMIZERS.register("adam")(torch.optim.Adam)
+OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+
+SCHEDULES = Registry("sched")
+
+
+FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)  # torch has one-kernel steps for these
+
+
+def build_optimizer(cfg: Any, params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer that the ``optim`` node names; ``lr`` is the stage's learning rate.
+
+    SGD, Adam and AdamW use torch's fused implementation on CPU and CUDA unless the node sets ``fused`` or
+    ``foreach`` itself: the same update in one kernel instead of a few per parameter.
+    """
+    options = to_dict(cfg)
+    options["lr"] = lr
+    params = list(params)
+    if options.get("fused") is None and options.get("foreach") is None and _fusable(options, params):
+        try:
+            return OPTIMIZERS.build({**options, "fused": True}, "optim", params=params)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # a device or dtype without a fused kernel: the default implementation below
+    return OPTIMIZERS.build(options, "optim", params=params)
+
+
+def _fusable(options: dict[str, Any], params: list) -> bool:
+    name = str(options.get("name"))
+    if "_target_" in options or name not in OPTIMIZERS or OPTIMIZERS.get(name) not in FUSED:
+        return False
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+
+
+def build_scheduler(
+    cfg: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A LambdaLR stepped once per batch: linear warm-up over ``warmup_epochs``, then the named decay."""
+    options = to_dict(cfg)
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total - 1, int(round(float(options.pop("warmup_epochs", 0) or 0) * steps_per_epoch)))
+    decay = SCHEDULES.build(options, "sched", total_steps=total - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return decay(step - warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@SCHEDULES.register("cosine")
+def cosine(total_steps: int):
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+@SCHEDULES.register("step")
+def step(total_steps: int, milestones=(0.5, 0.75), gamma: float = 0.1):
+    at = [int(m * total_steps) for m in milestones]
+    return lambda s: gamma ** sum(s >= m for m in at)
+
+
+@SCHEDULES.register("none")
+def constant(total_steps: int):
+    return lambda step: 1.0

@@ -1,0 +1,108 @@
+"""The model catalogue: every option builds and runs for the input shapes users have."""
+
+from importlib.resources import files
+
+import pytest
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from kdrun.core.errors import KdrunError
+from kdrun.core.registry import to_dict
+from kdrun.data import DataSpec
+from kdrun.models import MODELS, build_model, catalogue, count_params
+
+FOLDER = files("kdrun.models.catalogue")  # one YAML per model option, shared by the teacher and student groups
+CATALOGUE = sorted(p.name[:-5] for p in FOLDER.iterdir() if p.name.endswith(".yaml"))
+
+
+def option(name: str) -> dict:
+    """The option's YAML, with the run-level interpolations (the ensemble's ${T}) resolved."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(str(FOLDER / f"{name}.yaml"))
+    return OmegaConf.to_container(OmegaConf.create({"T": 4.0, "model": raw}), resolve=True)["model"]
+
+
+def test_teacher_and_student_groups_share_the_catalogue():
+    import kdrun.conf  # noqa: F401 - registers the catalogue, as Hydra does when it first reads the package
+
+    assert catalogue.names() == CATALOGUE
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in ("teacher", "student"):
+            assert loader.get_group_options(group) == CATALOGUE, group
+        cfg = compose("config", overrides=["teacher=wrn_16_2", "student=wrn_16_2"])
+    for group in ("teacher", "student"):  # the same option in either role is the catalogue's YAML
+        assert {k: v for k, v in to_dict(cfg[group]).items() if k != "checkpoint"} == option("wrn_16_2"), group
+    assert set(MODELS.names()) <= set(CATALOGUE)
+
+
+@pytest.mark.parametrize("name", CATALOGUE)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_every_model_builds_and_runs(name, channels, size):
+    torch.manual_seed(0)
+    model = build_model(option(name), DataSpec(num_classes=7, in_channels=channels, image_size=size)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_small_students_are_small():
+    spec = DataSpec(10, 3, 32)
+    assert 100_000 <= count_params(build_model(option("small_cnn"), spec)) <= 500_000
+    assert count_params(build_model(option("resnet20"), spec)) == pytest.approx(
+        272_474, rel=0.02
+    )  # the literature's 0.27M
+
+
+def test_torchvision_stem_adapts_to_small_images():
+    small = build_model({"name": "resnet18", "stem": "auto"}, DataSpec(10, 1, 8))
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and small.conv1.in_channels == 1
+    assert isinstance(small.maxpool, nn.Identity)
+    tutorial = build_model({"name": "resnet18", "stem": "auto"}, DataSpec(10, 1, 28))
+    assert tutorial.conv1.kernel_size == (7, 7) and tutorial.conv1.stride == (2, 2) and tutorial.conv1.in_channels == 1
+    assert isinstance(tutorial.maxpool, nn.MaxPool2d)
+    forced = build_model({"name": "resnet18", "stem": "small"}, DataSpec(10, 3, 32))
+    assert forced.conv1.kernel_size == (3, 3)
+    assert tutorial.fc.out_features == 10
+
+
+def test_any_torchvision_model_by_name():
+    model = build_model({"name": "regnet_x_400mf", "stem": "small"}, DataSpec(5, 1, 16)).eval()
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 5)
+
+
+class UserNet(nn.Module):
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.LazyLinear(width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_user_model_through_target_gets_only_the_sizes_it_accepts():
+    model = build_model({"_target_": f"{__name__}.UserNet", "width": 4}, DataSpec(3, 1, 8))
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_unknown_model_is_one_clear_line():
+    with pytest.raises(KdrunError, match=r"teacher.name='resnet1000' is not a known model; choose one of: .*small_cnn"):
+        build_model({"name": "resnet1000"}, DataSpec(10, 1, 8), key="teacher")
+    with pytest.raises(KdrunError, match="cannot be imported"):
+        build_model({"_target_": "no.such.Module"}, DataSpec(10, 1, 8), key="student")
+
+
+def test_too_small_image_is_a_clear_error():
+    with pytest.raises(KdrunError, match="too small"):
+        build_model({"name": "small_cnn", "channels": [8, 8, 8, 8]}, DataSpec(10, 1, 8))
+
+
+def test_option_yaml_names_match_their_model():
+    for name in CATALOGUE:
+        cfg = to_dict(option(name))
+        assert cfg["name"] == name or name == "torchvision"

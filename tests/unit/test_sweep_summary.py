@@ -1,0 +1,304 @@
+"""The sweep summary on synthetic sweep dirs laid out as Hydra and kdrun write them: csv, markdown, heatmaps, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from kdrun.reporting.heatmap import plot_kind
+from kdrun.reporting.sweep import collect_jobs, colour_centre, grid_values, main, write_summary
+
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+DEFAULTS = {"T": 4.0, "alpha": 0.2, "seed": 0, "baseline": True}
+GROUPS = ("dataset", "teacher", "student")
+
+
+def make_sweep(root: Path, task: list[str], sweeper: str = BASIC, params: dict | None = None) -> Path:
+    root.mkdir(parents=True)
+    hydra = {"sweeper": {"_target_": sweeper, "params": params}, "overrides": {"task": task}}
+    OmegaConf.save(OmegaConf.create({**DEFAULTS, "hydra": hydra}), root / "multirun.yaml")
+    return root
+
+
+def job_config(overrides: list[str]) -> dict:
+    config = {
+        **DEFAULTS,
+        **{group: {"name": name} for group, name in zip(GROUPS, ("mnist", "resnet18", "cnn"), strict=True)},
+    }
+    for override in overrides:
+        key, value = override.split("=")
+        if key in GROUPS:
+            config[key] = {"name": value}
+        else:
+            config[key] = yaml.safe_load(value)
+    return config
+
+
+def stage(model: str, acc: float, key: str) -> dict:
+    return {
+        "source": "trained",
+        "cache_key": key,
+        "model": model,
+        "params": 1000,
+        "test_acc": acc,
+        "test_acc_best": acc,
+        "val_acc_best": acc + 0.001,
+        "best_epoch": 3,
+        "test_top5": 1.0,
+        "train_time_s": 1.5,
+        "img_per_s": 100.0,
+    }
+
+
+def add_job(
+    sweep: Path,
+    overrides: list[str],
+    acc: float | None = None,
+    error: str | None = None,
+    name: str | None = None,
+    baseline: bool = True,
+) -> Path:
+    """A job dir: with ``acc`` a finished job (metrics.json), with ``error`` a failed one, else one still running."""
+    job = sweep / (name or ",".join(overrides))
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    config = job_config(overrides)
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    if error is not None:
+        (job / "failure.json").write_text(json.dumps({"error": error, "type": "RuntimeError"}))
+    if acc is not None:
+        seed, student = config["seed"], config["student"]["name"]
+        metrics = {
+            "config": {
+                **{g: config[g]["name"] for g in GROUPS},
+                "T": float(config["T"]),
+                "alpha": float(config["alpha"]),
+            },
+            "teacher": stage("resnet18", 0.99 - 0.001 * seed, f"t{seed}"),
+            "student": stage(student, acc, "s"),
+            "objective": acc + 0.001,
+        }
+        metrics["config"].update(seed=seed, baseline=baseline, loss="kd")
+        if baseline:
+            base = 0.95 + (0.01 if student == "b" else 0.0) + 0.001 * seed
+            metrics["baseline"] = stage(student, base, f"b{student}{seed}")
+            metrics["kd_gain"] = acc - base
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    return job
+
+
+def read_csv(sweep: Path) -> list[dict]:
+    with open(sweep / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(md: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in md.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]
+
+
+def assert_png(path: Path) -> None:
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_grid_all_ok(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4", "alpha=0.1,0.5", "dataset=mnist"])
+    accs = {("1", "0.1"): 0.96, ("1", "0.5"): 0.97, ("4", "0.1"): 0.985, ("4", "0.5"): 0.955}
+    for (T, alpha), acc in accs.items():
+        add_job(sweep, [f"T={T}", f"alpha={alpha}", "dataset=mnist"], acc)
+
+    written = write_summary(sweep)
+
+    names = ["summary.csv", "summary.md", "heatmap_test_acc.png", "heatmap_val_acc.png"]
+    assert [p.name for p in written] == names
+    assert sorted(p.name for p in sweep.iterdir() if p.is_file()) == sorted([*names, "multirun.yaml"])
+    rows = read_csv(sweep)
+    assert len(rows) == 4
+    header = list(rows[0])
+    assert header[:5] == ["job", "status", "error", "T", "alpha"]
+    groups = [h.split(".")[0] if "." in h else "" for h in header[5:]]
+    assert groups == sorted(groups, key=["config", "teacher", "baseline", "student", ""].index)
+    assert header[-2:] == ["kd_gain", "objective"]
+    by_point = {(r["T"], r["alpha"]): r for r in rows}
+    assert {p: float(r["student.test_acc"]) for p, r in by_point.items()} == accs
+    assert by_point["4", "0.1"]["job"] == "T=4,alpha=0.1,dataset=mnist"
+    assert by_point["4", "0.1"]["status"] == "ok" and by_point["4", "0.1"]["config.T"] == "4.0"
+
+    md = (sweep / "summary.md").read_text()
+    assert "4 jobs: 4 ok, 0 failed, 0 incomplete, 0 pending" in md
+    assert md.count("teacher resnet18") == 1 and md.count("baseline cnn") == 1
+    table = table_rows(md)
+    assert [row[:2] for row in table] == [["4", "0.1"], ["1", "0.5"], ["1", "0.1"], ["4", "0.5"]]
+    assert table[0][3:] == ["98.60", "98.50", "+3.50", "ok"]
+    assert "## Failed jobs" not in md
+    for png in written[2:]:
+        assert_png(png)
+
+
+def test_failed_incomplete_and_pending_jobs(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4", "alpha=0.1,0.5"])
+    add_job(sweep, ["T=1", "alpha=0.1"], 0.97)
+    add_job(sweep, ["T=1", "alpha=0.5"], error="CUDA out of memory. Tried to allocate 2.00 GiB")
+    add_job(sweep, ["T=4", "alpha=0.1"])  # started, no result yet: T=4,alpha=0.5 has no dir at all
+
+    jobs = collect_jobs(sweep)
+    assert [(job.overrides, job.status) for job in jobs] == [
+        (["T=1", "alpha=0.1"], "ok"),
+        (["T=1", "alpha=0.5"], "failed"),
+        (["T=4", "alpha=0.1"], "incomplete"),
+        (["T=4", "alpha=0.5"], "pending"),
+    ]
+    assert jobs[3].dir is None and (jobs[3].T, jobs[3].alpha, jobs[3].seed) == (4.0, 0.5, 0)
+
+    write_summary(sweep)
+    rows = read_csv(sweep)
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("T=1,alpha=0.1", "ok"),
+        ("T=1,alpha=0.5", "failed"),
+        ("T=4,alpha=0.1", "incomplete"),
+        ("", "pending"),
+    ]
+    assert rows[1]["error"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows[1]["student.test_acc"] == "" and rows[3]["T"] == "4"
+
+    md = (sweep / "summary.md").read_text()
+    assert "4 jobs: 1 ok, 1 failed, 1 incomplete, 1 pending" in md
+    assert [row[-1] for row in table_rows(md)] == ["ok", "failed", "incomplete", "pending"]
+    failed_section = md.split("## Failed jobs")[1]
+    assert "- `T=1 alpha=0.5` in `T=1,alpha=0.5`: CUDA out of memory. Tried to allocate 2.00 GiB" in failed_section
+    assert "- `T=4 alpha=0.1` in `T=4,alpha=0.1`" in md.split("## Incomplete jobs")[1]
+    assert "- `T=4 alpha=0.5`" in md.split("## Pending jobs")[1]
+
+    values, failed = grid_values(jobs, "student.test_acc")
+    assert values == {(1.0, 0.1): 0.97, (1.0, 0.5): None, (4.0, 0.1): None, (4.0, 0.5): None}
+    assert failed == {(1.0, 0.5)}
+    assert_png(sweep / "heatmap_test_acc.png")
+
+
+def test_seed_axis_pools_seeds(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2", "T=1,4"])
+    accs = {"1": [0.96, 0.97, 0.98], "4": [0.98, 0.985, 0.99]}
+    for seed in range(3):
+        for T in ("1", "4"):
+            add_job(sweep, [f"seed={seed}", f"T={T}"], accs[T][seed])
+
+    write_summary(sweep)
+
+    rows = read_csv(sweep)
+    assert len(rows) == 6 and list(rows[0])[3:5] == ["seed", "T"]
+    assert sorted((r["seed"], r["T"]) for r in rows) == [(s, T) for s in "012" for T in "14"]
+    md = (sweep / "summary.md").read_text()
+    objective = [100 * (acc + 0.001) for acc in accs["1"]]
+    row_T1 = f"{statistics.fmean(objective):.2f} ± {statistics.stdev(objective):.2f}"
+    assert table_rows(md)[1][:3] == ["1", "3", row_T1]
+    assert table_rows(md)[0][:2] == ["4", "3"] and table_rows(md)[0][-1] == "ok"
+    teacher = [99.0, 98.9, 98.8]
+    assert f"teacher resnet18 on mnist: test acc 98.90 ± {statistics.stdev(teacher):.2f}% (n=3)" in md
+
+    jobs = collect_jobs(sweep)
+    values, failed = grid_values(jobs, "student.test_acc")
+    assert values == pytest.approx({(1.0, 0.2): statistics.fmean(accs["1"]), (4.0, 0.2): statistics.fmean(accs["4"])})
+    assert not failed
+    assert colour_centre(jobs, "baseline.test_acc", values)[0] == pytest.approx(0.951)
+    assert_png(sweep / "heatmap_val_acc.png")
+
+
+def test_extra_axis_gets_its_own_heatmaps(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["student=a,b", "T=1,4"])
+    for student in "ab":
+        for T in (1, 4):
+            add_job(sweep, [f"student={student}", f"T={T}"], 0.95 + 0.01 * T)
+
+    written = write_summary(sweep)
+
+    pngs = sorted(p.name for p in written if p.suffix == ".png")
+    assert pngs == [f"heatmap_{m}__student={s}.png" for m in ("test_acc", "val_acc") for s in "ab"]
+    for name in pngs:
+        assert_png(sweep / name)
+    md = (sweep / "summary.md").read_text()
+    assert "baseline a on mnist" in md and "baseline b on mnist" in md
+    assert [row[:2] for row in table_rows(md)] == [["a", "4"], ["b", "4"], ["a", "1"], ["b", "1"]]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty dir"])
+def test_cli_rejects_a_bad_path(tmp_path, capsys, kind):
+    path = tmp_path / "not-a-sweep"
+    if kind == "file":
+        path.write_text("hello\n")
+    elif kind == "empty dir":
+        path.mkdir()
+        (path / "notes").mkdir()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path)])
+
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("kdrun-summary: error: ") and str(path) in err[0]
+    assert (
+        sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+        == {
+            "missing": [],
+            "file": ["not-a-sweep"],
+            "empty dir": ["not-a-sweep", "not-a-sweep/notes"],
+        }[kind]
+    )
+
+
+def test_cli_prints_the_summary(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4"])
+    add_job(sweep, ["T=1"], 0.97)
+
+    main([str(sweep)])
+
+    out = capsys.readouterr().out
+    assert out.startswith(f"# Sweep summary: {sweep}") and "2 jobs: 1 ok, 0 failed, 0 incomplete, 1 pending" in out
+    assert str(sweep / "heatmap_test_acc.png") in out
+
+
+def test_continuous_search_is_a_scatter_plot(tmp_path):
+    params = {"T": "interval(1.0, 10.0)", "alpha": "interval(0.0, 1.0)"}
+    sweep = make_sweep(tmp_path / "sweep", ["hparams_search=optuna_T_alpha"], sweeper=OPTUNA, params=params)
+    for i in range(15):
+        T, alpha = 1 + 0.6 * i, (0.37 * i) % 1
+        overrides = ["hparams_search=optuna_T_alpha", f"T={T}", f"alpha={alpha}"]
+        if i == 3:
+            add_job(sweep, overrides, error="loss is NaN", name=str(i))
+        else:
+            add_job(sweep, overrides, 0.9 + 0.005 * i, name=str(i), baseline=False)
+
+    written = write_summary(sweep)
+
+    jobs = collect_jobs(sweep)
+    assert len(jobs) == 15 and {job.status for job in jobs} == {"ok", "failed"}
+    assert list(read_csv(sweep)[0])[3:5] == ["T", "alpha"]
+    values, failed = grid_values(jobs, "student.test_acc")
+    assert plot_kind(values) == "scatter" and len(failed) == 1
+    center, how = colour_centre(jobs, "baseline.test_acc", values)
+    assert center == pytest.approx(statistics.median(v for v in values.values() if v is not None))
+    assert "median" in how
+    assert [p.name for p in written[2:]] == ["heatmap_test_acc.png", "heatmap_val_acc.png"]
+    for png in written[2:]:
+        assert_png(png)
+
+
+def test_uncached_teachers_of_different_seeds_count_once_each(tmp_path):
+    # Ensembles have no cache key: two seeds' ensembles with the same test acc are still two teachers, while
+    # every job distilling from one loaded checkpoint shares one.
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2"])
+    for seed in range(3):
+        job = add_job(sweep, [f"seed={seed}"], 0.97)
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics["teacher"].update(cache_key=None, model="ensemble", test_acc=0.994, ensemble_key=f"e{seed // 2}")
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    write_summary(sweep)
+    assert "teacher ensemble on mnist: test acc 99.40 ± 0.00% (n=2)" in (sweep / "summary.md").read_text()
