@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core.errors import KdrunError
+from kdrun.core.schema import check, parameter_hints
 
 
 class Registry:
@@ -34,6 +35,9 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         return name in self._builders
 
+    def get_or_none(self, name: str) -> Callable[..., Any] | None:
+        return self._builders.get(name)
+
     def get(self, name: str, key: str | None = None) -> Callable[..., Any]:
         if name not in self._builders:
             raise KdrunError(
@@ -54,15 +58,15 @@ class Registry:
         if name is None:
             raise KdrunError(f"{key or self.kind} needs a 'name' (one of: {', '.join(self.names())}) or a '_target_'")
         builder = self.get(name, f"{key}.name" if key else None)
-        params = inspect.signature(builder).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            options = [n for n, p in params.items() if n not in extra and p.kind is not p.VAR_POSITIONAL]
-            unknown = sorted(k for k in kwargs if k not in options)
-            if unknown:
+        hints = {n: h for n, h in parameter_hints(builder).items() if n not in extra}
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values())
+        for option, value in kwargs.items():
+            if option not in hints and not open_ended:
                 raise KdrunError(
-                    f"{key or self.kind}.{unknown[0]} is not an option of {name}; "
-                    f"its options are: {', '.join(options) or 'none'}"
+                    f"{key or self.kind}.{option} is not an option of {name}; "
+                    f"its options are: {', '.join(hints) or 'none'}"
                 )
+            check(f"{key or self.kind}.{option}", value, hints.get(option, Any))
         return builder(**kwargs, **extra)
 
 

@@ -4,13 +4,14 @@ see the same mixed images, so the teacher runs online; the labels become the mat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdrun.core.registry import Registry, to_dict
+from kdrun.core.schema import Range
 
 MIXES = Registry("augment")
 
@@ -32,9 +33,7 @@ def _soft(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 class _Mix:
     """A batch mixing with mixing weights drawn from Beta(alpha, alpha)."""
 
-    def __init__(self, alpha: float = 1.0):
-        if not alpha > 0:
-            raise ValueError(f"augment.alpha={alpha} must be > 0")
+    def __init__(self, alpha: Annotated[float, Range(gt=0, le=1000)] = 1.0):
         self.alpha = float(alpha)
 
 

@@ -12,16 +12,31 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
 from kdrun.core.errors import KdrunError
 from kdrun.core.registry import Registry, to_dict
+from kdrun.core.schema import Epochs, OpenFraction, PositiveInt, Range, Seed, Size, takes
 from kdrun.data.splits import Data, DataSpec, LoaderSplit, Split, TensorSplit
 from kdrun.data.transforms import BatchTransform, channel_stats
 
 DATASETS = Registry("dataset")
+ImageSize = Annotated[int, Range(ge=1, le=4096)]
+# The keys every dataset option has (a loader declares its own with ``takes``). batch_size, epochs and
+# student_max_samples are the defaults of the train.<stage> recipes.
+COMMON_DATASET_KEYS: dict[str, Any] = {
+    "name": str,
+    "root": str | None,
+    "download": bool,
+    "val_fraction": OpenFraction,
+    "split_seed": Seed,
+    "augment": {"crop_pad": Annotated[int, Range(ge=0, le=64)], "flip": bool},
+    "batch_size": Size,
+    "student_max_samples": PositiveInt | None,
+    "epochs": {"teacher": Epochs, "student": Epochs},
+}
 
 
 @dataclass
@@ -73,6 +88,7 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> Data:
 
 
 @DATASETS.register("digits")
+@takes(test_fraction=OpenFraction)
 def load_digits(options: dict) -> Source:
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
@@ -81,8 +97,6 @@ def load_digits(options: dict) -> Source:
     images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
     fraction = float(options.get("test_fraction", 0.2))
-    if not 0 < fraction < 1:
-        raise KdrunError(f"dataset.test_fraction={fraction} is invalid: must be in (0, 1)")
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(),
         test_size=fraction,
@@ -115,6 +129,7 @@ def _open_torchvision(name: str, options: dict, expected: str, build):
 
 def _register_mnist_like(name: str, class_name: str) -> None:
     @DATASETS.register(name)
+    @takes()
     def load(options: dict) -> Source:
         import torchvision.datasets as tvd
 
@@ -136,6 +151,7 @@ _register_mnist_like("kmnist", "KMNIST")
 
 def _register_cifar(name: str, class_name: str, folder: str, num_classes: int) -> None:
     @DATASETS.register(name)
+    @takes()
     def load(options: dict) -> Source:
         import torchvision.datasets as tvd
 
@@ -155,6 +171,7 @@ _register_cifar("cifar100", "CIFAR100", "cifar-100-python", 100)
 
 
 @DATASETS.register("svhn")
+@takes()
 def load_svhn(options: dict) -> Source:
     from torchvision.datasets import SVHN
 
@@ -168,6 +185,13 @@ def load_svhn(options: dict) -> Source:
 
 
 @DATASETS.register("fake")
+@takes(
+    image_size=ImageSize,
+    channels=Literal[1, 3],
+    num_classes=Annotated[int, Range(ge=2, le=100_000)],
+    train_size=Annotated[int, Range(ge=2, le=1_000_000)],
+    test_size=Annotated[int, Range(ge=1, le=1_000_000)],
+)
 def load_fake(options: dict) -> Source:
     from torchvision.datasets import FakeData
     from torchvision.transforms import PILToTensor
@@ -188,14 +212,13 @@ def load_fake(options: dict) -> Source:
 
 
 @DATASETS.register("imagefolder")
+@takes(image_size=ImageSize, channels=Literal[1, 3], num_workers=Annotated[int, Range(ge=0, le=256)])
 def load_imagefolder(options: dict) -> Source:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
     root = os.path.expanduser(str(options.get("root")))
     size, channels = int(options.get("image_size", 64)), int(options.get("channels", 3))
-    if channels not in (1, 3):
-        raise KdrunError(f"dataset.channels={channels} is invalid; choose one of: 1, 3")
     test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(os.path.join(root, "train")) or test_dir is None:
         raise KdrunError(f"dataset.root={root} must hold train/<class>/ and test/<class>/ (or val/<class>/) folders")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
 from kdrun.core.errors import KdrunError
+from kdrun.core.schema import Range, Weight
 from kdrun.losses.base import LOSSES
-from kdrun.losses.feature import FeatureObjective
+from kdrun.losses.feature import FeatureObjective, Layers
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -30,7 +33,13 @@ class AttentionTransfer(FeatureObjective):
     outputs, summed over the pairs. Default taps: every stage (the deepest ones pair up)."""
 
     def __init__(
-        self, T=4.0, alpha=0.2, at_weight: float = 1000.0, p: float = 2.0, student_layers=None, teacher_layers=None
+        self,
+        T: float = 4.0,
+        alpha: float = 0.2,
+        at_weight: Weight = 1000.0,
+        p: Annotated[float, Range(ge=1, le=8)] = 2.0,
+        student_layers: Layers = None,
+        teacher_layers: Layers = None,
     ):
         super().__init__(T, alpha, student_layers, teacher_layers)
         self.at_weight, self.p = float(at_weight), float(p)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
+from kdrun.core.schema import Range, Weight
 from kdrun.data.augment import hard_labels
 from kdrun.losses.base import LOSSES, LossInput, Objective, standardize
 
@@ -24,9 +27,9 @@ class DKD(Objective):
         self,
         T: float = 4.0,
         alpha: float = 0.2,
-        tckd_weight: float = 1.0,
-        nckd_weight: float = 8.0,
-        warmup_epochs: int = 20,
+        tckd_weight: Weight = 1.0,
+        nckd_weight: Weight = 8.0,
+        warmup_epochs: Annotated[int, Range(ge=0, le=100_000)] = 20,
         standardize: bool = False,
     ):
         super().__init__(T, alpha)

@@ -19,6 +19,8 @@ from kdrun.losses.base import LossInput, Objective, Terms
 from kdrun.losses.kd import KD
 from kdrun.models.features import check_layers, default_taps, feature_shapes
 
+Layers = list[str] | str | None  # layer names; null: the model's default taps for the method
+
 
 class FeatureObjective(Objective):
     """Base of the feature losses: resolves and checks the taps (``bind``), then adds ``feature_terms``."""
@@ -30,8 +32,8 @@ class FeatureObjective(Objective):
         self,
         T: float = 4.0,
         alpha: float = 0.2,
-        student_layers: list[str] | None = None,
-        teacher_layers: list[str] | None = None,
+        student_layers: Layers = None,
+        teacher_layers: Layers = None,
     ):
         super().__init__(T, alpha)
         self.logit_kd = KD(T, alpha)

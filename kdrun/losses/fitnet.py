@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.core.schema import Weight
 from kdrun.losses.base import LOSSES
-from kdrun.losses.feature import FeatureObjective
+from kdrun.losses.feature import FeatureObjective, Layers
 
 
 class HintAdapter(nn.Module):
@@ -54,7 +55,14 @@ class FitNet(FeatureObjective):
 
     tap_kind = "middle"
 
-    def __init__(self, T=4.0, alpha=0.2, hint_weight: float = 100.0, student_layers=None, teacher_layers=None):
+    def __init__(
+        self,
+        T: float = 4.0,
+        alpha: float = 0.2,
+        hint_weight: Weight = 100.0,
+        student_layers: Layers = None,
+        teacher_layers: Layers = None,
+    ):
         super().__init__(T, alpha, student_layers, teacher_layers)
         self.hint_weight = float(hint_weight)
         self.adapters = nn.ModuleList()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdrun.core.schema import Weight
 from kdrun.losses.base import LOSSES
-from kdrun.losses.feature import FeatureObjective
+from kdrun.losses.feature import FeatureObjective, Layers
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -46,12 +47,12 @@ class RelationalKD(FeatureObjective):
 
     def __init__(
         self,
-        T=4.0,
-        alpha=0.2,
-        distance_weight: float = 25.0,
-        angle_weight: float = 50.0,
-        student_layers=None,
-        teacher_layers=None,
+        T: float = 4.0,
+        alpha: float = 0.2,
+        distance_weight: Weight = 25.0,
+        angle_weight: Weight = 50.0,
+        student_layers: Layers = None,
+        teacher_layers: Layers = None,
     ):
         super().__init__(T, alpha, student_layers, teacher_layers)
         self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)

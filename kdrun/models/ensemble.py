@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.core.errors import KdrunError
+from kdrun.core.schema import Temperature
 from kdrun.data import DataSpec
 from kdrun.models.registry import MODELS, build_model
 
@@ -19,7 +20,12 @@ class Ensemble(nn.Module):
     averaged softened distribution, so every logit-based loss distils from the average (Hinton et al. 2015)."""
 
     def __init__(
-        self, num_classes: int, in_channels: int, image_size: int, members: list[Any], temperature: float = 1.0
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        members: list[Any],
+        temperature: Temperature = 1.0,
     ):
         super().__init__()  # check_model_cfg has checked the members (build_model runs it first)
         spec = DataSpec(num_classes, in_channels, image_size)

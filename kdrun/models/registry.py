@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 
 from kdrun.core.errors import KdrunError
 from kdrun.core.registry import Registry, to_dict
+from kdrun.core.schema import check, parameter_hints
 from kdrun.data import DataSpec
 from kdrun.models.torchvision_models import STEMS, build_torchvision, torchvision_names
 
@@ -75,14 +76,22 @@ def check_model_cfg(cfg: Any, key: str = "model") -> None:
             raise KdrunError(f"teacher.members must list at least 2 teacher configs, got {members!r}")
         for i, member in enumerate(members):
             check_model_cfg(member, f"teacher.members[{i}]")
-    if name in MODELS:
-        sizes = ("num_classes", "in_channels", "image_size")
-        options = [p for p in inspect.signature(MODELS.get(str(name))).parameters if p not in sizes]
-        unknown = sorted(k for k in arch if k != "name" and k not in options)
-        if unknown:
+    _check_options(arch, str(name), key)
+
+
+def _check_options(arch: dict[str, Any], name: str, key: str) -> None:
+    """Every option of the model node is one its builder takes, with a value of the declared type."""
+    builder = MODELS.get(name) if name in MODELS else build_torchvision
+    hints = parameter_hints(builder)
+    options = [p for p in hints if p not in ("name", "num_classes", "in_channels", "image_size")]
+    for option, value in arch.items():
+        if option == "name" or (option == "members" and name == "ensemble"):
+            continue
+        if option not in options:
             raise KdrunError(
-                f"{key}.{unknown[0]} is not an option of {name}; its options are: {', '.join(options) or 'none'}"
+                f"{key}.{option} is not an option of {name}; its options are: {', '.join(options) or 'none'}"
             )
+        check(f"{key}.{option}", value, hints[option])
 
 
 def count_params(model: nn.Module) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from kdrun.core.errors import KdrunError
+from kdrun.core.schema import Dropout, Width, Widths
 from kdrun.models.registry import MODELS
 
 
@@ -28,9 +29,9 @@ class SmallCNN(nn.Module):
         num_classes: int,
         in_channels: int,
         image_size: int,
-        channels: tuple[int, ...] = (16, 32),
-        hidden: int = 128,
-        dropout: float = 0.1,
+        channels: Widths = (16, 32),
+        hidden: Width = 128,
+        dropout: Dropout = 0.1,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -94,8 +95,8 @@ class MLP(nn.Module):
         num_classes: int,
         in_channels: int,
         image_size: int,
-        hidden: tuple[int, ...] = (256, 128),
-        dropout: float = 0.1,
+        hidden: Widths = (256, 128),
+        dropout: Dropout = 0.1,
     ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,12 @@ def torchvision_names() -> frozenset[str]:
 
 
 def build_torchvision(
-    name: str, num_classes: int, in_channels: int, image_size: int, stem: str = "auto", weights: str | None = None
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    stem: Literal["auto", "small", "imagenet"] = "auto",
+    weights: str | None = None,
 ) -> nn.Module:
     """``torchvision.models.get_model(name)`` with its first conv and classifier fitted to the data.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from kdrun.core.schema import Dropout
 from kdrun.models.cifar_resnet import kaiming_init, make_stages
 from kdrun.models.registry import MODELS
 
@@ -52,7 +53,7 @@ class WideResNet(nn.Module):
 
 def _register(name: str, depth: int, widen: int) -> None:
     @MODELS.register(name)
-    def build(num_classes: int, in_channels: int, image_size: int, dropout: float = 0.0) -> WideResNet:
+    def build(num_classes: int, in_channels: int, image_size: int, dropout: Dropout = 0.0) -> WideResNet:
         return WideResNet(depth, widen, num_classes, in_channels, dropout)
 
 

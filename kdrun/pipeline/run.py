@@ -18,10 +18,10 @@ from kdrun.core import distributed
 from kdrun.core.io import write_json
 from kdrun.core.signals import stop_on_signals
 from kdrun.data import Data, build_data
-from kdrun.losses import build_objective
-from kdrun.models import build_model, model_name
+from kdrun.models import model_name
 from kdrun.pipeline.cache import ArtefactCache
 from kdrun.pipeline.parallel import job_device
+from kdrun.pipeline.preflight import preflight
 from kdrun.pipeline.rundir import prepare_run_dir
 from kdrun.pipeline.stages import RunContext, baseline_stage, student_stage, teacher_stage
 from kdrun.reporting.evaluation import evaluate_models
@@ -48,7 +48,7 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     seed_everything(cfg.seed)
     data = build_data(cfg.dataset, runtime.device)
     _log_setup(data, runtime)
-    check_feature_taps(cfg, data)
+    preflight(cfg, data)  # what needs the data or the models, before any training
     cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
     writer = SummaryWriter(str(run_dir / "tb")) if main else None
     ctx = RunContext(cfg, data, runtime, run_dir, writer, cache)
@@ -104,19 +104,6 @@ def _log_setup(data: Data, runtime: Runtime) -> None:
             "%d processes: each trains on its share of every batch (global batch size as configured)",
             distributed.world_size(),
         )
-
-
-def check_feature_taps(cfg: DictConfig, data: Data) -> None:
-    """A feature loss's layers, checked on freshly built models before any training: a wrong layer name or an
-    untappable model fails in seconds, not after the teacher has trained."""
-    objective = build_objective(cfg.loss, cfg.T, cfg.alpha)
-    if not objective.uses_features:
-        return
-    spec = data.spec
-    with torch.random.fork_rng(devices=[]):  # leave the run's random state as it was
-        student = build_model(cfg.student, spec, key="student")
-        teacher = build_model(cfg.teacher, spec, key="teacher")
-        objective.bind(student, teacher, torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size))
 
 
 def stage_report_keys(cfg: DictConfig) -> tuple[str, ...]:

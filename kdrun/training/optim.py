@@ -3,21 +3,63 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
+from kdrun.core.errors import KdrunError
 from kdrun.core.registry import Registry, to_dict
+from kdrun.core.schema import Fraction, LearningRate, NonEmpty, Range, check
 
 OPTIMIZERS = Registry("optim")
-OPTIMIZERS.register("sgd")(torch.optim.SGD)
-OPTIMIZERS.register("adam")(torch.optim.Adam)
-OPTIMIZERS.register("adamw")(torch.optim.AdamW)
+Momentum = Annotated[float, Range(ge=0, lt=1)]
+WeightDecay = Annotated[float, Range(ge=0, le=1)]
+Betas = Annotated[list[Momentum], NonEmpty()]
+Eps = Annotated[float, Range(gt=0, le=1)]
+# sched.warmup_epochs: a linear warm-up over this many epochs (a fraction of one is fine)
+WarmupEpochs = Annotated[float, Range(ge=0, le=100_000)]
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(  # noqa: PLR0913 - torch.optim.SGD's own options, each a config key
+    params,
+    lr: LearningRate,
+    momentum: Momentum = 0.0,
+    dampening: Momentum = 0.0,
+    weight_decay: WeightDecay = 0.0,
+    nesterov: bool = False,
+    fused: bool | None = None,
+    foreach: bool | None = None,
+) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov, fused=fused, foreach=foreach)
+
+
+def _adam(cls):
+    def build(  # noqa: PLR0913 - torch.optim.Adam's own options, each a config key
+        params,
+        lr: LearningRate,
+        betas: Betas = (0.9, 0.999),  # type: ignore[assignment]
+        eps: Eps = 1e-8,
+        weight_decay: WeightDecay = 0.0,
+        amsgrad: bool = False,
+        fused: bool | None = None,
+        foreach: bool | None = None,
+    ) -> torch.optim.Optimizer:
+        if len(betas) != 2:
+            raise KdrunError(f"optim.betas={list(betas)} is invalid: must be a list of 2 numbers >= 0 and < 1")
+        b1, b2 = betas
+        return cls(params, lr, (b1, b2), eps, weight_decay, amsgrad, fused=fused, foreach=foreach)
+
+    return build
+
+
+OPTIMIZERS.register("adam")(_adam(torch.optim.Adam))
+OPTIMIZERS.register("adamw")(_adam(torch.optim.AdamW))
 
 SCHEDULES = Registry("sched")
 
 
-FUSED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)  # torch has one-kernel steps for these
+FUSED = ("sgd", "adam", "adamw")  # torch has one-kernel steps for these
 
 
 def build_optimizer(cfg: Any, params, lr: float) -> torch.optim.Optimizer:
@@ -39,7 +81,7 @@ def build_optimizer(cfg: Any, params, lr: float) -> torch.optim.Optimizer:
 
 def _fusable(options: dict[str, Any], params: list) -> bool:
     name = str(options.get("name"))
-    if "_target_" in options or name not in OPTIMIZERS or OPTIMIZERS.get(name) not in FUSED:
+    if "_target_" in options or name not in FUSED:
         return False
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
@@ -51,7 +93,8 @@ def build_scheduler(
     """A LambdaLR stepped once per batch: linear warm-up over ``warmup_epochs``, then the named decay."""
     options = to_dict(cfg)
     total = max(1, steps_per_epoch * epochs)
-    warmup = min(total - 1, int(round(float(options.pop("warmup_epochs", 0) or 0) * steps_per_epoch)))
+    warmup_epochs = check("sched.warmup_epochs", options.pop("warmup_epochs", 0) or 0, WarmupEpochs)
+    warmup = min(total - 1, int(round(float(warmup_epochs) * steps_per_epoch)))
     decay = SCHEDULES.build(options, "sched", total_steps=total - warmup)
 
     def factor(step: int) -> float:
@@ -68,7 +111,11 @@ def cosine(total_steps: int):
 
 
 @SCHEDULES.register("step")
-def step(total_steps: int, milestones=(0.5, 0.75), gamma: float = 0.1):
+def step(
+    total_steps: int,
+    milestones: list[Fraction] = (0.5, 0.75),  # type: ignore[assignment]
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.1,
+):
     at = [int(m * total_steps) for m in milestones]
     return lambda s: gamma ** sum(s >= m for m in at)
 

@@ -54,8 +54,8 @@ def test_cutmix_pastes_one_box_and_weights_labels_by_its_area():
 
 def test_none_builds_nothing_and_a_bad_alpha_is_refused():
     assert build_mix({"name": "none"}) is None
-    with pytest.raises(ValueError, match="alpha=0"):
-        MixUp(0)
+    with pytest.raises(KdrunError, match="augment.alpha=0 is invalid: must be a finite number > 0"):
+        build_mix({"name": "mixup", "alpha": 0})
     with pytest.raises(KdrunError, match="augment.name='shuffle' is not known; choose one of: none, cutmix, mixup"):
         validate(config("augment.name=shuffle"))
     with pytest.raises(KdrunError, match="augment.alpha=-1 is invalid"):
