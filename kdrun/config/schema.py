@@ -95,7 +95,8 @@ def hint_of(cfg: dict[Any, Any], key: str) -> Any:
     if first not in options:
         name = node.get("name")
         raise KdrunError(
-            f"{key} is not an option of {root}={name}; its options are: {', '.join(sorted(options)) or 'none'}"
+            f"{key} is not an option of {root}={name}; its options are: "
+            + (", ".join(sorted(o for o in options if o != "name")) or "none")
         )
     hint = options[first]
     return hint if first == rest else _nested(hint, rest)

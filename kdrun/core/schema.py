@@ -127,8 +127,10 @@ def describe(hint: Any) -> str:  # noqa: PLR0911 - one return per kind of type
         return words[hint]
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         inner = describe(args[0]) if args else ""
-        return "a list of any of: " + inner.removeprefix("one of: ") if inner.startswith("one of") else (
-            f"a list of {_plural(inner)}" if inner else "a list"
+        return (
+            "a list of any of: " + inner.removeprefix("one of: ")
+            if inner.startswith("one of")
+            else (f"a list of {_plural(inner)}" if inner else "a list")
         )
     return "a finite value"
 
