@@ -128,11 +128,11 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 def test_diverging_teacher_fails_clearly_and_caches_nothing(tmp_path):
     cache = tmp_path / "cache"
     result = run_kdrun(
-        [f"hydra.run.dir={tmp_path / 'run'}", f"cache.dir={cache}", "train.teacher.lr=1e30", "train.progress=false"],
+        [f"hydra.run.dir={tmp_path / 'run'}", f"cache.dir={cache}", "train.teacher.lr=10", "train.progress=false"],
         cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "kdrun: error: stage teacher, epoch 1" in result.stderr and "train.teacher.lr" in result.stderr
+    assert "kdrun: error: stage teacher, epoch " in result.stderr and "train.teacher.lr" in result.stderr
     assert not list(cache.rglob("model.pt")) and not list(cache.rglob(".tmp-*"))
     assert not (tmp_path / "run" / "metrics.json").exists()
 
