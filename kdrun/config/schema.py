@@ -25,7 +25,7 @@ from kdrun.core.schema import (
     Temperature,
     parameter_hints,
 )
-from kdrun.data.augment import MIXES
+from kdrun.data.augment import MIXES, MixAlpha
 from kdrun.data.datasets import COMMON_DATASET_KEYS, DATASETS
 from kdrun.losses import LOSSES
 from kdrun.models import MODELS
@@ -37,6 +37,13 @@ from kdrun.training.runtime import AMP_CHOICES
 Switch = Literal["auto", True, False]
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 
+MIX_CHOICES = ("none", *MIXES.names())
+ClipNorm = Annotated[float, Range(gt=0, le=1e6)]
+STAGE_AUGMENT: dict[str, Any] = {
+    **COMMON_DATASET_KEYS["augment"],  # crop_pad, flip
+    "mix": Literal[MIX_CHOICES],
+    "mix_alpha": MixAlpha,
+}
 RUN: dict[str, Any] = {
     "T": Temperature,
     "alpha": Fraction,
@@ -50,6 +57,8 @@ RUN: dict[str, Any] = {
     **{f"train.{stage}.batch_size": Size for stage in ("teacher", "student")},
     **{f"train.{stage}.lr": LearningRate for stage in ("teacher", "student")},
     **{f"train.{stage}.max_samples": PositiveInt | None for stage in ("teacher", "student")},
+    **{f"train.{stage}.augment.{k}": v for stage in ("teacher", "student") for k, v in STAGE_AUGMENT.items()},
+    **{f"train.{stage}.clip_grad_norm": ClipNorm | None for stage in ("teacher", "student")},
     "train.eval_batch_size": Size,
     "train.max_nonfinite_steps": NonNegativeInt,
     "train.teacher_logits": Literal["auto", "online"],

@@ -21,7 +21,7 @@ class Role:
 
 
 WHERE = Role(identifies=False, resumes=False, names_run=False)  # where things live, how progress shows
-BUDGET = Role(identifies=False)  # how long or on how much to train: the recipe (train.*) carries it
+RECIPE = Role(identifies=False)  # a default of the train.<stage> recipes, which carry it into each stage's identity
 
 ROLES: dict[str, Role] = {
     "dataset.root": WHERE,  # except for datasets whose root *is* the data (``ROOT_IS_THE_DATA``)
@@ -29,9 +29,10 @@ ROLES: dict[str, Role] = {
     "dataset.num_workers": WHERE,
     "cache.dir": WHERE,
     "train.progress": WHERE,
-    "dataset.epochs": BUDGET,
-    "dataset.batch_size": BUDGET,
-    "dataset.student_max_samples": BUDGET,
+    "dataset.epochs": RECIPE,
+    "dataset.batch_size": RECIPE,
+    "dataset.student_max_samples": RECIPE,
+    "dataset.augment": RECIPE,  # the teacher's augmentation identifies the teacher only, not the data
     "device": Role(identifies=False, names_run=False),
     "teacher.checkpoint": Role(identifies=False, names_run=False),  # identified by the file's hash instead
     "cache": Role(names_run=False),

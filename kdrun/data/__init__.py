@@ -1,7 +1,17 @@
 """Datasets as device tensors: loaders, seeded splits, batch transforms and the ``augment`` group's mixing."""
 
 from kdrun.data.datasets import DATASETS, build_data
-from kdrun.data.splits import Data, DataSpec, LoaderSplit, Split, TensorSplit, stratified_subset, with_train_subset
+from kdrun.data.splits import (
+    Data,
+    DataSpec,
+    LoaderSplit,
+    Split,
+    TensorSplit,
+    labels_of,
+    stratified_subset,
+    with_augment,
+    with_train_subset,
+)
 from kdrun.data.transforms import BatchTransform
 
 __all__ = [
@@ -13,6 +23,8 @@ __all__ = [
     "Split",
     "TensorSplit",
     "build_data",
+    "labels_of",
     "stratified_subset",
+    "with_augment",
     "with_train_subset",
 ]

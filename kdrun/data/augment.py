@@ -14,6 +14,7 @@ from kdrun.core.registry import Registry, to_dict
 from kdrun.core.schema import Range
 
 MIXES = Registry("augment")
+MixAlpha = Annotated[float, Range(gt=0, le=1000)]
 
 
 def _beta(alpha: float, generator: torch.Generator | None) -> float:
@@ -33,7 +34,7 @@ def _soft(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 class _Mix:
     """A batch mixing with mixing weights drawn from Beta(alpha, alpha)."""
 
-    def __init__(self, alpha: Annotated[float, Range(gt=0, le=1000)] = 1.0):
+    def __init__(self, alpha: MixAlpha = 1.0):
         self.alpha = float(alpha)
 
 

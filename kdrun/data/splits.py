@@ -191,13 +191,22 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return chosen.sort().values
 
 
+def labels_of(split: Split) -> torch.Tensor:
+    """The class index of every sample of ``split``, in split order."""
+    if isinstance(split, TensorSplit):
+        return split.labels
+    return torch.as_tensor([split.dataset.targets[int(i)] for i in split.indices])  # type: ignore[attr-defined]
+
+
 def with_train_subset(data: Data, n: int | None, seed: int) -> Data:
     """``data`` whose training split keeps at most ``n`` samples (class-stratified, seeded); val/test unchanged."""
     if n is None or n >= len(data.train):
         return data
-    labels = (
-        data.train.labels
-        if isinstance(data.train, TensorSplit)
-        else torch.as_tensor([data.train.dataset.targets[int(i)] for i in data.train.indices])  # type: ignore[attr-defined]
-    )
+    labels = labels_of(data.train)
     return replace(data, train=data.train.subset(stratified_subset(labels, n, seed).to(labels.device)))
+
+
+def with_augment(data: Data, crop_pad: int, flip: bool) -> Data:
+    """``data`` whose training batches get this augmentation (random crop after zero padding, random flip)."""
+    t = data.transform
+    return replace(data, transform=BatchTransform(t.mean, t.std, crop_pad, flip))

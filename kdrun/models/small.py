@@ -97,9 +97,10 @@ class MLP(nn.Module):
         image_size: int,
         hidden: Widths = (256, 128),
         dropout: Dropout = 0.1,
+        input_dropout: Dropout = 0.0,
     ):
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
+        layers: list[nn.Module] = [nn.Flatten()] + ([nn.Dropout(input_dropout)] if input_dropout else [])
         width = in_channels * image_size * image_size
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]

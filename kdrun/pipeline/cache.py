@@ -28,7 +28,7 @@ from kdrun.core.io import file_sha256, fsync_path
 log = logging.getLogger(__name__)
 
 # Bump when a change to the code alters what training produces: every older entry stops matching.
-TRAINING_CODE_VERSION = "train-v1"
+TRAINING_CODE_VERSION = "train-v2"
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 WAIT_LOG_EVERY_S = 60.0

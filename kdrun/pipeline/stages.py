@@ -20,13 +20,14 @@ from kdrun.core.errors import KdrunError
 from kdrun.core.io import atomic_save, file_sha256, read_state
 from kdrun.core.keys import dataset_identity, model_identity
 from kdrun.core.registry import to_dict
-from kdrun.data import Data, with_train_subset
+from kdrun.data import Data, labels_of, with_augment, with_train_subset
 from kdrun.data.augment import build_mix
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.models.checkpoint import load_model, save_model
 from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
+from kdrun.training.health import Chance, advice, assess
 from kdrun.training.loop import Stage, fit
 from kdrun.training.predict import evaluate, predict, with_state
 from kdrun.training.runtime import Runtime
@@ -189,6 +190,8 @@ def reusable_stage(ctx: RunContext, stage: str, model_cfg: DictConfig, name: str
     model = load_model(entry.model_path, model_cfg, ctx.data.spec, key=key).to(ctx.runtime.device)
     _link_or_skip(entry.model_path, ctx.run_dir / f"{name}.pt")
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
+    if metrics.get("flag_reason"):
+        warn_flagged(name, metrics)
     log.info(
         "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
         *(name, model_name(model_cfg), entry.key, entry.meta.get("created"), 100 * metrics["test_acc"]),
@@ -206,12 +209,11 @@ def teacher_source(
     cache, keyed by the teacher's identity and the data, so the runs of a sweep share one pass. With random
     augmentation, mixing, a feature loss (or ``train.teacher_logits=online``) the teacher runs on each batch.
     """
-    cfg, data = ctx.cfg, ctx.data
-    online = cfg.train.teacher_logits == "online" or data.transform.augments or cfg.augment.name != "none"
+    cfg = ctx.cfg
+    student_data, mix = stage_inputs(ctx, "student")
+    online = cfg.train.teacher_logits == "online" or student_data.transform.augments or mix is not None
     if online or objective.uses_features:
         return OnlineTeacher(teacher), "online"
-    split_seed = cfg.dataset.get("split_seed", 0)
-    student_data = with_train_subset(data, cfg.train.student.get("max_samples"), split_seed)
     split = student_data.train
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,20 +259,36 @@ def artefact_fields(cfg: DictConfig, stage: str, amp: str, model_cfg: Any = None
     Not T, alpha or the loss (they only shape the distilled student), nor where the data lives, the device
     or the evaluation batch size (see ``kdrun.core.keys``). ``amp`` is the run's resolved precision.
     """
-    default_cfg, recipe = (cfg.teacher, cfg.train.teacher) if stage == "teacher" else (cfg.student, cfg.train.student)
-    model_cfg = default_cfg if model_cfg is None else model_cfg
+    model_cfg = (cfg.teacher if stage == "teacher" else cfg.student) if model_cfg is None else model_cfg
+    custom_mix = stage != "teacher" and "_target_" in cfg.augment
     return {
         "code": TRAINING_CODE_VERSION,
         "objective": "ce",
         "dataset": dataset_identity(cfg.dataset),
         "model": architecture_cfg(model_cfg),
-        "recipe": to_dict(recipe),
+        "recipe": to_dict(recipe_of(cfg, stage)),  # with the stage's own augmentation
         "optim": to_dict(cfg.optim),
         "sched": to_dict(cfg.sched),
         "seed": int(cfg.seed),
         "amp": amp,
-        **({"augment": to_dict(cfg.augment)} if stage == "baseline" and cfg.augment.name != "none" else {}),
+        **({"augment": to_dict(cfg.augment)} if custom_mix else {}),
     }
+
+
+def recipe_of(cfg: DictConfig, stage: str) -> DictConfig:
+    """The training recipe of a stage: ``train.teacher``, or ``train.student`` for the baseline and the student."""
+    return cfg.train.teacher if stage == "teacher" else cfg.train.student
+
+
+def stage_inputs(ctx: RunContext, stage: str) -> tuple[Data, Any]:
+    """The data a stage trains on (its recipe's subset and augmentation) and its batch mixing (or None)."""
+    cfg, recipe = ctx.cfg, recipe_of(ctx.cfg, stage)
+    augment = recipe.augment
+    data = with_train_subset(ctx.data, recipe.get("max_samples"), cfg.dataset.get("split_seed", 0))
+    data = with_augment(data, int(augment.crop_pad), bool(augment.flip))
+    if stage != "teacher" and "_target_" in cfg.augment:  # a mixing of the user's own, through the group
+        return data, build_mix(cfg.augment)
+    return data, build_mix({"name": augment.mix, "alpha": augment.mix_alpha})
 
 
 def train_stage(
@@ -281,9 +299,8 @@ def train_stage(
     The baseline and the distilled student are built and shuffled from the same seed, so they start from
     the same weights and see the same batches: the only difference is the objective.
     """
-    cfg, name = ctx.cfg, name or stage
-    recipe = cfg.train.teacher if stage == "teacher" else cfg.train.student
-    data = with_train_subset(ctx.data, recipe.get("max_samples"), cfg.dataset.get("split_seed", 0))
+    cfg, name, recipe = ctx.cfg, name or stage, recipe_of(ctx.cfg, stage)
+    data, mix = stage_inputs(ctx, stage)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, data.spec, key=stage if stage != "baseline" else "student")
     log.info(
@@ -300,7 +317,8 @@ def train_stage(
         seed=int(cfg.seed),
         eval_batch_size=int(cfg.train.eval_batch_size),
         max_nonfinite_steps=int(cfg.train.max_nonfinite_steps),
-        mix=build_mix(cfg.augment) if stage != "teacher" else None,
+        clip_grad_norm=None if recipe.get("clip_grad_norm") is None else float(recipe.clip_grad_norm),
+        mix=mix,
         state_path=state_path(ctx.run_dir, name),
         writer=ctx.writer,
     )
@@ -326,7 +344,23 @@ def train_stage(
         "train_time_s": result.train_time_s,
         "img_per_s": result.img_per_s,
         "peak_mem_mb": result.peak_mem_mb,
+        "nonfinite_steps": result.nonfinite_steps,
+        **health_flags(name, result.history, result.nonfinite_steps, data),
     }
+
+
+def health_flags(name: str, history: list[dict[str, float]], nonfinite_steps: int, data: Data) -> dict[str, Any]:
+    """``collapsed`` / ``diverged`` and their reason for a finished stage, with one warning line when flagged."""
+    flags = assess(history, nonfinite_steps, Chance.of(labels_of(data.val), data.spec.num_classes))
+    if flags:
+        warn_flagged(name, flags)
+    return flags
+
+
+def warn_flagged(name: str, metrics: dict[str, Any]) -> None:
+    """The one warning line of a collapsed or diverged stage: what happened and what to change."""
+    what = "diverged" if metrics.get("diverged") else "collapsed"
+    log.warning("%s %s: %s. Its numbers are not a result: %s", name, what, metrics["flag_reason"], advice(name))
 
 
 def save_run_model(path: Path, model: nn.Module, model_cfg: DictConfig, spec, **meta: Any) -> None:

@@ -52,6 +52,7 @@ class Stage:
     seed: int
     eval_batch_size: int = 1024
     max_nonfinite_steps: int = 10
+    clip_grad_norm: float | None = None  # the gradient's global L2 norm is clipped to this, after AMP unscaling
     mix: Any = None  # a ``kdrun.data.augment`` mix: each batch and its labels mixed; the teacher sees them mixed
     state_path: Path | None = None  # the training state is saved there after every epoch, and resumed from
     writer: Any = None  # a TensorBoard SummaryWriter
@@ -69,6 +70,7 @@ class FitResult:
     img_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
     peak_mem_mb: float | None = None  # the highest of the epochs' peaks (see ``peak_memory_mb``)
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss
 
 
 def fit(
@@ -115,6 +117,7 @@ class Trainer:
         # that one is decided on the host); other optimizers read it back.
         self.skip_on_device = bool(getattr(self.st.optimizer, "_step_supports_amp_scaling", False))
         self.stepped = bool(self.st.optimizer.state)
+        self.params = [p for group in self.st.optimizer.param_groups for p in group["params"]]
 
     def fit(self) -> FitResult:
         stage, st, device = self.stage, self.st, self.runtime.device
@@ -131,7 +134,9 @@ class Trainer:
         assert p.best_state is not None
         throughput = p.images_seen / p.train_time if p.train_time > 0 else 0.0
         peak = max(row["peak_mem_mb"] for row in p.history)
-        return FitResult(st.model, p.best_state, p.best_epoch, p.best_acc, p.train_time, throughput, p.history, peak)
+        return FitResult(
+            st.model, p.best_state, p.best_epoch, p.best_acc, p.train_time, throughput, p.history, peak, p.nonfinite
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:
         """One pass over this rank's share of the training split. Returns the sums of loss, terms, correct
@@ -175,6 +180,9 @@ class Trainer:
         st.optimizer.zero_grad(set_to_none=True)
         st.scaler.scale(loss).backward()
         distributed.average_gradients(st.objective.parameters())  # DDP averages the model's own
+        if self.stage.clip_grad_norm is not None:
+            st.scaler.unscale_(st.optimizer)  # a no-op without fp16; clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(self.params, self.stage.clip_grad_norm, foreach=True)
         if st.scaler.is_enabled():
             st.scaler.step(st.optimizer)  # GradScaler skips steps with non-finite gradients itself
             st.scaler.update()

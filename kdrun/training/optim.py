@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -16,8 +16,10 @@ Momentum = Annotated[float, Range(ge=0, lt=1)]
 WeightDecay = Annotated[float, Range(ge=0, le=1)]
 Betas = Annotated[list[Momentum], NonEmpty()]
 Eps = Annotated[float, Range(gt=0, le=1)]
-# sched.warmup_epochs: a linear warm-up over this many epochs (a fraction of one is fine)
-WarmupEpochs = Annotated[float, Range(ge=0, le=100_000)]
+# sched.warmup_epochs: a linear warm-up over this many epochs (a fraction of one is fine), or ``auto``
+WarmupEpochs = Annotated[float, Range(ge=0, le=100_000)] | Literal["auto"]
+AUTO_WARMUP_EPOCHS = 0.5  # warmup_epochs=auto: half an epoch ...
+AUTO_WARMUP_SHARE = 0.2  # ... but at most this share of the stage's steps, so a short recipe is not dominated by it
 
 
 @OPTIMIZERS.register("sgd")
@@ -90,11 +92,10 @@ def _fusable(options: dict[str, Any], params: list) -> bool:
 def build_scheduler(
     cfg: Any, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """A LambdaLR stepped once per batch: linear warm-up over ``warmup_epochs``, then the named decay."""
+    """A LambdaLR stepped once per batch: linear warm-up (``warmup_steps``), then the named decay."""
     options = to_dict(cfg)
     total = max(1, steps_per_epoch * epochs)
-    warmup_epochs = check("sched.warmup_epochs", options.pop("warmup_epochs", 0) or 0, WarmupEpochs)
-    warmup = min(total - 1, int(round(float(warmup_epochs) * steps_per_epoch)))
+    warmup = min(total - 1, warmup_steps(options.pop("warmup_epochs", 0), steps_per_epoch, total))
     decay = SCHEDULES.build(options, "sched", total_steps=total - warmup)
 
     def factor(step: int) -> float:
@@ -103,6 +104,16 @@ def build_scheduler(
         return decay(step - warmup)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_steps(warmup_epochs: Any, steps_per_epoch: int, total: int) -> int:
+    """The warm-up's length in steps: ``warmup_epochs`` epochs, or for ``auto`` half an epoch but at most a fifth of
+    the stage. It keeps the first steps, taken from random weights at the full learning rate (and, in distillation,
+    against a KD gradient that grows with T), from throwing the model into a constant prediction."""
+    value = check("sched.warmup_epochs", warmup_epochs or 0, WarmupEpochs)
+    if value == "auto":
+        return int(min(AUTO_WARMUP_EPOCHS * steps_per_epoch, AUTO_WARMUP_SHARE * total))
+    return int(round(float(value) * steps_per_epoch))
 
 
 @SCHEDULES.register("cosine")

@@ -56,6 +56,8 @@ def test_key_ignores_what_does_not_determine_the_artefact(override):
         "optim=adam",
         "optim.weight_decay=0.0",
         "sched=step",
+        "sched.warmup_epochs=0",
+        "dataset.augment.crop_pad=2",  # the default of both recipes' augmentation
     ],
 )
 def test_key_of_both_changes_with_shared_inputs(override):
@@ -71,6 +73,13 @@ def test_key_of_both_changes_with_shared_inputs(override):
         ("train.teacher.epochs=3", "teacher"),
         ("train.teacher.lr=0.01", "teacher"),
         ("train.teacher.max_samples=500", "teacher"),
+        ("train.teacher.augment.crop_pad=2", "teacher"),
+        ("train.teacher.augment.mix=mixup", "teacher"),
+        ("train.teacher.clip_grad_norm=1", "teacher"),
+        ("train.student.augment.flip=true", "baseline"),
+        ("train.student.augment.mix=cutmix", "baseline"),
+        ("augment=mixup", "baseline"),
+        ("train.student.clip_grad_norm=1", "baseline"),
         ("student=lenet5", "baseline"),
         ("student.hidden=64", "baseline"),
         ("train.student.epochs=5", "baseline"),

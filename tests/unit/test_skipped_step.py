@@ -44,3 +44,21 @@ def test_a_nonfinite_step_leaves_weights_and_optimizer_state_unchanged(optim):
             assert torch.equal(torch.as_tensor(after[i][name]), torch.as_tensor(value)), f"{name} changed"
     assert trainer.update(loss(1.0)).item() == 0
     assert not all(torch.equal(weights[k], v) for k, v in model.named_parameters())
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_clip_grad_norm_bounds_the_true_gradient_after_unscaling(amp):
+    """With a GradScaler (fp16) the gradient is unscaled before clipping: the step is lr*clip, not lr*clip/scale."""
+    data = build_data(OmegaConf.create({"name": "digits"}))
+    model = build_model({"name": "mlp", "dropout": 0.0}, data.spec)
+    plain = OmegaConf.create({"name": "sgd", "fused": False})
+    stage = Stage("student", 1, 64, 0.5, plain, OmegaConf.create({"name": "none", "warmup_epochs": 0}), 0)
+    stage.clip_grad_norm = 0.1
+    trainer = Trainer(stage, model, CrossEntropy(), data, TeacherSource(), Runtime(torch.device("cpu"), amp, False))
+    if amp == "fp16":
+        assert trainer.st.scaler.is_enabled()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    x, y = torch.randn(8, 1, 8, 8) * 100, torch.arange(8)  # a gradient far larger than 0.1
+    assert trainer.update(torch.nn.functional.cross_entropy(model(x), y) * 1000).item() == 0
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    assert moved.norm().item() == pytest.approx(0.5 * 0.1, rel=1e-3)

@@ -118,3 +118,29 @@ def test_random_augmentation_keeps_the_teacher_online(tmp_path):
     assert metrics["student"]["teacher_logits"] == "online"
     assert metrics["student"]["peak_mem_mb"] > 0
     assert not (tmp_path / "cache" / "teacher_logits").exists()
+
+
+def test_a_jittered_teacher_still_gives_cached_logits_to_a_plain_student(tmp_path):
+    """The teacher's own augmentation shapes the teacher, not the student's inputs: its logits stay cached, and the
+    logits' key names the teacher (whose key holds its augmentation), not the augmentation itself."""
+    quick = ["student=mlp", "teacher=lenet5", "train.teacher.epochs=1", "train.student.epochs=1"]
+    quick.append("report.enabled=false")
+    results = {}
+    for name, crop in (("plain", 0), ("jittered", 2)):
+        cfg = config(*quick, f"train.teacher.augment.crop_pad={crop}", f"cache.dir={tmp_path / 'cache'}")
+        run(cfg, tmp_path / name)
+        results[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert results[name]["student"]["teacher_logits"].startswith("cached (")
+    assert results["plain"]["teacher"]["cache_key"] != results["jittered"]["teacher"]["cache_key"]
+    assert results["plain"]["baseline"]["cache_key"] == results["jittered"]["baseline"]["cache_key"]
+    assert results["jittered"]["baseline"]["source"] == "cache"  # one baseline for both teachers
+    assert len(list((tmp_path / "cache" / "teacher_logits").iterdir())) == 2  # one set of logits per teacher
+
+
+def test_the_students_own_augmentation_or_mixing_puts_the_teacher_online(tmp_path):
+    quick = ["student=mlp", "teacher=lenet5", "train.teacher.epochs=1", "train.student.epochs=1"]
+    quick.append("report.enabled=false")
+    for name, override in (("crop", "train.student.augment.crop_pad=1"), ("mix", "train.student.augment.mix=cutmix")):
+        run(config(*quick, override, "baseline=false", f"cache.dir={tmp_path / 'cache'}"), tmp_path / name)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["student"]["teacher_logits"] == "online", name
