@@ -1,7 +1,12 @@
 """Error bars on hand-computed cases: Wilson, Newcombe, Student's t, and the teacher-lead warning of a run."""
 
-import pytest
+import json
+import logging
 
+import pytest
+from hydra import compose, initialize_config_module
+
+from kdrun.pipeline.run import run
 from kdrun.reporting.report import assemble, report_markdown, summary_table
 from kdrun.reporting.stats import difference_interval, t_interval, wilson_interval
 
@@ -85,3 +90,19 @@ def test_no_lead_without_a_baseline_and_no_interval_without_the_test_size():
                    {"teacher": stage(0.9), "baseline": stage(0.95), "student": stage(0.95)})  # fmt: skip
     assert "test_acc_ci95" not in old["student"] and "teacher_lead_ci95" not in old
     assert old["teacher_lead_warning"].endswith("lead -5.00 points)")
+
+
+def test_a_run_whose_teacher_learnt_nothing_logs_one_warning_line(tmp_path, caplog):
+    # Random labels (FakeData): teacher and baseline are both at chance on 128 test images.
+    overrides = ["dataset=fake", "dataset.train_size=128", "dataset.image_size=8", "teacher=mlp", "student=mlp"]
+    with initialize_config_module("kdrun.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "train.progress=false", "report.enabled=false", "cache=off"])
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        run(cfg, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["test_images"] == 128
+    teacher = metrics["teacher"]
+    assert teacher["test_acc_ci95"] == pytest.approx(list(wilson_interval(teacher["test_acc"], 128)))
+    warned = [r for r in caplog.records if "the teacher is no better than the student alone" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "\n" not in warned[0].getMessage()
+    assert warned[0].getMessage() == metrics["teacher_lead_warning"]
