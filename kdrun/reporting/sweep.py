@@ -14,6 +14,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,10 +489,8 @@ def _flag_lines(jobs: list[Job]) -> list[str]:
             lines.append(f"{_job_line(job)}: {stage} {flag}" + (f": {reason}" if reason else ""))
     if lines:
         lines = ["", "## Flagged jobs (collapsed or diverged)", "", *lines]
-    warnings: dict[str, int] = {}
-    for job in jobs:
-        if job.metrics.get("teacher_lead_warning"):
-            warnings[job.metrics["teacher_lead_warning"]] = warnings.get(job.metrics["teacher_lead_warning"], 0) + 1
+    warnings = Counter(str(job.metrics.get("teacher_lead_warning") or "") for job in jobs)
+    del warnings[""]
     if warnings:
         lines += ["", "## Teacher no better than the baseline", ""]
         lines += [f"- {text} ({n} job{'s' if n > 1 else ''})" for text, n in warnings.items()]
