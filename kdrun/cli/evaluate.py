@@ -47,7 +47,7 @@ def evaluate_run(
     evaluation, outputs = evaluate_models(models, data, split, runtime, run_dir, cfg)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    metrics = {"config": metrics.get("config") or run_config(cfg, runtime), "evaluation": evaluation}
+    metrics = {"config": metrics.get("config") or run_config(cfg, runtime, len(data.test)), "evaluation": evaluation}
     out = out or run_dir / f"eval-{split}-{runtime.device.type}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "evaluation.json", metrics)

@@ -59,9 +59,11 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         if cfg.baseline:
             models["baseline"], stages["baseline"] = baseline_stage(ctx)
         models["student"], stages["student"] = student_stage(ctx, teacher, stages["teacher"])
-        metrics = assemble(run_config(cfg, runtime), stages)
+        metrics = assemble(run_config(cfg, runtime, len(data.test)), stages)
         if not main:
             return float(metrics["objective"])
+        if "teacher_lead_warning" in metrics:
+            log.warning("%s", metrics["teacher_lead_warning"])
         write_results(ctx, models, metrics)
     finally:
         if writer is not None:
@@ -112,8 +114,8 @@ def stage_report_keys(cfg: DictConfig) -> tuple[str, ...]:
     return (*keys, f"throughput_b{int(cfg.report.throughput_batch)}")
 
 
-def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
-    """The ``config`` entry of metrics.json and the HParams of the run."""
+def run_config(cfg: DictConfig, runtime: Runtime, test_images: int) -> dict[str, Any]:
+    """The ``config`` entry of metrics.json and the HParams of the run; ``test_images``: the test split's size."""
     return {
         "dataset": cfg.dataset.name,
         "teacher": model_name(cfg.teacher),
@@ -135,6 +137,7 @@ def run_config(cfg: DictConfig, runtime: Runtime) -> dict[str, Any]:
         "teacher_lr": float(cfg.train.teacher.lr),
         "student_lr": float(cfg.train.student.lr),
         "batch_size": int(cfg.train.student.batch_size),
+        "test_images": int(test_images),
     }
 
 

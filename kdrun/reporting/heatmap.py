@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import PercentFormatter
 
 from kdrun.core.io import atomic_write
@@ -18,6 +20,15 @@ Point = tuple[float, float]  # (T, alpha)
 MAX_GRID = 12  # more distinct values than this on either axis: a scatter plot instead of a heatmap
 CMAP = colormaps["RdYlGn"].with_extremes(bad="lightgrey")
 MISSING = "grey"
+HATCH = "///"  # over a cell whose runs include a flagged (collapsed or diverged) student
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What the colours do not say: points whose jobs failed, and points with a flagged student (-> its note)."""
+
+    failed: Collection[Point] = ()
+    flagged: Mapping[Point, str] = field(default_factory=dict)
 
 
 def plot_kind(values: Mapping[Point, float | None]) -> str:
@@ -34,36 +45,44 @@ def centred_norm(values: Iterable[float], center: float) -> TwoSlopeNorm:
 
 def plot_grid(
     values: Mapping[Point, float | None],
-    failed: Collection[Point],
+    marks: Marks,
     center: float,
     title: str,
     path: Path,
     label: str = "accuracy",
 ) -> Path:
-    """Plot the accuracy of each (T, alpha) point (None: no result; in ``failed``: its jobs failed) into a PNG.
-
-    Colours diverge from ``center`` (the baseline's accuracy); the file is replaced atomically.
-    """
-    norm = centred_norm([v for v in values.values() if v is not None], center)
-    if plot_kind(values) == "scatter":
-        fig = Figure(figsize=(7, 5), layout="constrained")
-        ax = fig.add_subplot()
-        _scatter(ax, values, failed, norm)
-    else:
-        Ts, alphas = sorted({t for t, _ in values}), sorted({a for _, a in values})
-        fig = Figure(figsize=(2 + 1.1 * len(Ts), 1.6 + 0.7 * len(alphas)), layout="constrained")
-        ax = fig.add_subplot()
-        _heatmap(ax, values, failed, norm, Ts, alphas)
-    ax.set_xlabel("T")
-    ax.set_ylabel("alpha")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), ax=ax, format=PercentFormatter(1.0), label=label)
+    """Plot ``grid_figure`` into a PNG at ``path``, replaced atomically."""
+    fig = grid_figure(values, marks, center, title, label)
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     return path
 
 
-def _heatmap(ax, values, failed, norm, Ts: list[float], alphas: list[float]) -> None:
+def grid_figure(
+    values: Mapping[Point, float | None], marks: Marks, center: float, title: str, label: str = "accuracy"
+) -> Figure:
+    """The accuracy of each (T, alpha) point (None: no result), failed and flagged points marked.
+
+    Colours diverge from ``center`` (the baseline's accuracy); a flagged point is hatched and its note annotated.
+    """
+    norm = centred_norm([v for v in values.values() if v is not None], center)
+    if plot_kind(values) == "scatter":
+        fig = Figure(figsize=(7, 5), layout="constrained")
+        ax = fig.add_subplot()
+        _scatter(ax, values, marks, norm)
+    else:
+        Ts, alphas = sorted({t for t, _ in values}), sorted({a for _, a in values})
+        fig = Figure(figsize=(2 + 1.1 * len(Ts), 1.6 + 0.7 * len(alphas)), layout="constrained")
+        ax = fig.add_subplot()
+        _heatmap(ax, values, marks, norm, Ts, alphas)
+    ax.set_xlabel("T")
+    ax.set_ylabel("alpha")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=CMAP), ax=ax, format=PercentFormatter(1.0), label=label)
+    return fig
+
+
+def _heatmap(ax, values, marks: Marks, norm, Ts: list[float], alphas: list[float]) -> None:
     grid = np.full((len(alphas), len(Ts)), np.nan)
     for (t, a), value in values.items():
         if value is not None:
@@ -73,25 +92,34 @@ def _heatmap(ax, values, failed, norm, Ts: list[float], alphas: list[float]) -> 
         for j, t in enumerate(Ts):
             value = values.get((t, a))
             if value is None:
-                text, color = ("failed" if (t, a) in failed else "—"), "black"
+                text, color = ("failed" if (t, a) in marks.failed else "—"), "black"
             else:
                 text = f"{100 * value:.2f}%\n{100 * (value - norm.vcenter):+.2f}"
                 color = "white" if abs(norm(value) - 0.5) > 0.4 else "black"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+            note = marks.flagged.get((t, a))
+            if note:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch=HATCH, edgecolor="black", lw=0))
+                text, color = f"{text}\n{note}", "black"
+            box = {"facecolor": "white", "alpha": 0.75, "linewidth": 0} if note else None  # legible over the hatch
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color, bbox=box)
     ax.set_xticks(range(len(Ts)), [f"{t:g}" for t in Ts])
     ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
 
 
-def _scatter(ax, values, failed, norm) -> None:
+def _scatter(ax, values, marks: Marks, norm) -> None:
     done = [(t, a, v) for (t, a), v in values.items() if v is not None]
     if done:
         T, alpha, acc = zip(*done, strict=True)
         ax.scatter(T, alpha, c=acc, cmap=CMAP, norm=norm, s=60, edgecolors="black", linewidths=0.5)
     for marker, name, points in (
-        ("x", "failed", [p for p, v in values.items() if v is None and p in failed]),
-        ("o", "no result", [p for p, v in values.items() if v is None and p not in failed]),
+        ("x", "failed", [p for p, v in values.items() if v is None and p in marks.failed]),
+        ("o", "no result", [p for p, v in values.items() if v is None and p not in marks.failed]),
     ):
         if points:
             ax.scatter(*zip(*points, strict=True), marker=marker, s=50, label=name, color=MISSING)
-    if len(done) < len(values):
+    if marks.flagged:
+        flagged = list(marks.flagged)
+        ax.scatter(*zip(*flagged, strict=True), marker="s", s=160, facecolors="none", edgecolors="black",
+                   hatch=HATCH, label="flagged student (collapsed or diverged)")  # fmt: skip
+    if len(done) < len(values) or marks.flagged:
         ax.legend(fontsize=8)

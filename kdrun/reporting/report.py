@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdrun.core.io import write_json
+from kdrun.reporting.stats import difference_interval, wilson_interval
 
 STAGES = ("teacher", "baseline", "student")
 # metrics.json values shown as HParams metrics (tag = "final/<stage>_<key>" or "final/<key>").
@@ -18,13 +19,46 @@ HPARAM_EVAL_METRICS = ("agreement", "kl_to_teacher", "ece", "latency_ms_b1")
 
 
 def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """metrics.json as the output contract describes it: config, one entry per stage that ran, gain, objective."""
+    """metrics.json as the output contract describes it: config, one entry per stage that ran, gain, objective.
+
+    With ``config["test_images"]`` (n) each stage also gets ``test_acc_ci95``, and with a baseline the run gets
+    ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not ahead beyond noise).
+    """
     metrics: dict[str, Any] = {"config": config}
-    metrics.update({name: stages[name] for name in STAGES if name in stages})
+    metrics.update({name: dict(stages[name]) for name in STAGES if name in stages})
+    n = config.get("test_images")
+    if n:
+        for name in STAGES:
+            if name in stages:
+                metrics[name]["test_acc_ci95"] = list(wilson_interval(stages[name]["test_acc"], n))
     if "baseline" in stages and "student" in stages:
         metrics["kd_gain"] = stages["student"]["test_acc"] - stages["baseline"]["test_acc"]
     metrics["objective"] = stages["student"]["val_acc_best"]
+    if "baseline" in stages and "teacher" in stages:
+        metrics.update(teacher_lead(stages["teacher"]["test_acc"], stages["baseline"]["test_acc"], n))
     return metrics
+
+
+def teacher_lead(teacher_acc: float, baseline_acc: float, n: int | None) -> dict[str, Any]:
+    """``teacher_lead`` (teacher - baseline test acc), its 95% interval over ``n`` test images, and the warning.
+
+    The warning is there when the interval's low end is <= 0: the teacher may be no better than the student
+    trained alone, so there is nothing to distil. Without ``n`` the lead itself (<= 0) decides.
+    """
+    lead = teacher_acc - baseline_acc
+    out: dict[str, Any] = {"teacher_lead": lead}
+    interval = ""
+    if n:
+        low, high = difference_interval(teacher_acc, n, baseline_acc, n)
+        out["teacher_lead_ci95"] = [low, high]
+        interval = f", 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]"
+    if out.get("teacher_lead_ci95", [lead])[0] <= 0:
+        out["teacher_lead_warning"] = (
+            "the teacher is no better than the student alone: KD has nothing to transfer "
+            f"(teacher {100 * teacher_acc:.2f}% vs baseline {100 * baseline_acc:.2f}%, "
+            f"lead {100 * lead:+.2f} points{interval})"
+        )
+    return out
 
 
 def write_failure(run_dir: str | os.PathLike, error: str, exc: BaseException) -> None:
@@ -70,6 +104,21 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _pct_ci(entry: dict[str, Any] | None) -> str:
+    """A stage's last-epoch test accuracy with its 95% interval: ``97.50% [96.81, 98.07]``."""
+    if not entry or entry.get("test_acc") is None:
+        return "-"
+    ci = entry.get("test_acc_ci95")
+    return _pct(entry["test_acc"]) + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+
+
+def lead_line(metrics: dict[str, Any]) -> str:
+    """The teacher's lead over the baseline in points, with its interval when known."""
+    ci = metrics.get("teacher_lead_ci95")
+    interval = f", 95% CI [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] (Newcombe)" if ci else ""
+    return f"{100 * metrics['teacher_lead']:+.2f} points{interval}"
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     """The table printed at the end of a run."""
     config = metrics["config"]
@@ -84,7 +133,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
                 f"{stage} ({m['source']})" if m["source"] != "trained" else stage,
                 model,
                 f"{m['params'] / 1e6:.3f}M",
-                _pct(m["test_acc"]),
+                _pct_ci(m),
                 _pct(m["test_acc_best"]),
                 _pct(m["val_acc_best"]),
                 f"{m['train_time_s']:.1f}s",
@@ -95,6 +144,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if "kd_gain" in metrics:
         lines.append(f"KD gain (student - baseline test acc, last epoch): {100 * metrics['kd_gain']:+.2f} points")
+    if "teacher_lead" in metrics:
+        lines.append(f"teacher lead (teacher - baseline test acc, last epoch): {lead_line(metrics)}")
+    if "teacher_lead_warning" in metrics:
+        lines.append(f"WARNING: {metrics['teacher_lead_warning']}")
     return "\n".join(lines)
 
 
@@ -141,6 +194,9 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
     ]
     for label, key, show in rows:
         lines.append(f"| {label} | " + " | ".join(show(evaluation[s].get(key)) for s in stages) + " |")
+    if any(metrics.get(s) for s in stages):  # absent in a kdrun-eval report
+        cells = " | ".join(_pct_ci(metrics.get(s)) for s in stages)
+        lines.append(f"| test accuracy, last epoch [95% CI] | {cells} |")
     ratios = evaluation.get("student_vs_teacher")
     if ratios:
         lines += [
@@ -149,11 +205,7 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
             + ", ".join(f"{k.replace('_', ' ')} {_num(v, '.2f')}x" for k, v in ratios.items())
             + ".",
         ]
-    if "kd_gain" in metrics:
-        lines += [
-            "",
-            f"**KD gain** (student - baseline test accuracy, last epoch): {100 * metrics['kd_gain']:+.2f} points.",
-        ]
+    lines += _gain_lines(metrics)
     lines += ["", "## Per-class accuracy", "", "| class | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for c in range(len(evaluation[stages[0]]["per_class_acc"])):
         lines.append(f"| {c} | " + " | ".join(_pct(evaluation[s]["per_class_acc"][c]) for s in stages) + " |")
@@ -170,6 +222,21 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
         for fmt, e in metrics["export"].items():
             lines.append(f"| {fmt} | {e['path']} | {e['max_abs_diff']:.2e} | {e['checked_with']} |")
     return "\n".join(lines) + "\n"
+
+
+def _gain_lines(metrics: dict[str, Any]) -> list[str]:
+    """report.md's KD gain, teacher lead and, when the teacher is not ahead beyond noise, the warning."""
+    lines = []
+    if "kd_gain" in metrics:
+        lines += [
+            "",
+            f"**KD gain** (student - baseline test accuracy, last epoch): {100 * metrics['kd_gain']:+.2f} points.",
+        ]
+    if "teacher_lead" in metrics:
+        lines += ["", f"**Teacher lead** (teacher - baseline test accuracy, last epoch): {lead_line(metrics)}."]
+    if "teacher_lead_warning" in metrics:
+        lines += ["", f"> **Warning:** {metrics['teacher_lead_warning']}."]
+    return lines
 
 
 def write_report(run_dir: Path, metrics: dict[str, Any], outputs: dict, writer=None) -> None:

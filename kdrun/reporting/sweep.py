@@ -14,6 +14,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core.errors import KdrunError
 from kdrun.core.keys import model_identity
-from kdrun.reporting.heatmap import Point, plot_grid
+from kdrun.reporting.heatmap import Marks, Point, plot_grid
+from kdrun.reporting.stats import MeanInterval, t_interval
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 STATUSES = ("ok", "failed", "incomplete", "pending")
 METRIC_GROUPS = ("config", "teacher", "baseline", "student")  # column order of summary.csv; top-level keys last
 GRID_AXES = ("T", "alpha", "seed")  # every other swept key gets its own heatmaps
+FLAGS = ("collapsed", "diverged")  # a stage's metrics.json entry holds ``<flag>: true`` and ``flag_reason``
+RUN_COLUMNS = ("teacher_lead", "teacher_lead_warning")  # summary.csv has them even when no job reported them
+# summary.csv's last columns: the job's flagged stages, then its row's KD gain over seeds (seed pooled).
+POOLED_COLUMNS = ("collapsed", "diverged", "gain_mean", "gain_std", "gain_n", "gain_ci95_low", "gain_ci95_high",
+                  "within_noise")  # fmt: skip
 # heatmap name -> (plotted metric, its colour centre, what it is)
 HEATMAPS = {
     "test_acc": ("student.test_acc", "baseline.test_acc", "test acc"),
@@ -117,15 +124,51 @@ def expand_grid(multirun: DictConfig | None) -> list[list[str]]:
 
 
 def summary_csv(jobs: list[Job], keys: list[str]) -> str:
-    """One row per job: job, status, error, the swept keys, then every metric any job reported."""
-    metric_keys = sorted({k for job in jobs for k in job.metrics}, key=_metric_order)
+    """One row per job: job, status, error, the swept keys, every metric any job reported, then POOLED_COLUMNS.
+
+    The gain columns are those of the job's row over seeds (see ``pooled_gains``), repeated on each of its jobs.
+    """
+    metric_keys = sorted({k for job in jobs for k in job.metrics} | set(RUN_COLUMNS), key=_metric_order)
+    gains = pooled_gains(jobs, keys)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["job", "status", "error", *keys, *metric_keys])
+    writer.writerow(["job", "status", "error", *keys, *metric_keys, *POOLED_COLUMNS])
     for job in jobs:
         metrics = [job.metrics.get(k, "") for k in metric_keys]
-        writer.writerow([job.name, job.status, job.error, *(job.params.get(k, "") for k in keys), *metrics])
+        flagged = [";".join(stage for stage, f, _ in job_flags(job) if f == flag) for flag in FLAGS]
+        gain = gains[pool_key(job, keys)]
+        writer.writerow(
+            [job.name, job.status, job.error, *(job.params.get(k, "") for k in keys), *metrics, *flagged]
+            + _blank_none([gain.mean, gain.std, gain.n, gain.low, gain.high, gain.within_noise])
+        )
     return out.getvalue()
+
+
+def pool_key(job: Job, keys: list[str]) -> tuple[str, ...]:
+    """The job's row in the pooled results: its swept values except ``seed``."""
+    return tuple(job.params.get(k, "") for k in keys if k != "seed")
+
+
+def pooled_gains(jobs: list[Job], keys: list[str]) -> dict[tuple[str, ...], MeanInterval]:
+    """Per row (``pool_key``): the paired gain ``kd_gain`` of its ok jobs, its mean, std and t-interval.
+
+    Each job's gain is student - baseline of the same seed, so the seeds' shared luck cancels. Flagged runs
+    are kept in (a collapse is an outcome of the setting); the summary marks their rows.
+    """
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(pool_key(job, keys), []).append(job)
+    return {key: t_interval(_ok_values(group, "kd_gain")) for key, group in groups.items()}
+
+
+def job_flags(job: Job) -> list[tuple[str, str, str]]:
+    """(stage, flag, reason) for each flag set in the job's metrics.json, e.g. ("student", "collapsed", "...")."""
+    return [
+        (stage, flag, str(job.metrics.get(f"{stage}.flag_reason", "")))
+        for stage in METRIC_GROUPS[1:]
+        for flag in FLAGS
+        if job.metrics.get(f"{stage}.{flag}")
+    ]
 
 
 def summary_markdown(sweep_dir: Path, jobs: list[Job], keys: list[str], heatmaps: list[Path]) -> str:
@@ -141,6 +184,7 @@ def summary_markdown(sweep_dir: Path, jobs: list[Job], keys: list[str], heatmaps
         listed = [job for job in jobs if job.status == status]
         if listed:
             lines += ["", f"## {heading}", ""] + [_job_line(job) for job in listed]
+    lines += _flag_lines(jobs)
     if heatmaps:
         lines += ["", "## Heatmaps", ""] + [f"![{path.stem}]({path.name})" for path in heatmaps]
     return "\n".join(lines) + "\n"
@@ -155,6 +199,20 @@ def grid_values(jobs: list[Job], metric: str) -> tuple[dict[Point, float | None]
     values = {point: _mean_metric(group, metric) for point, group in points.items()}
     failed = {p for p, group in points.items() if values[p] is None and any(job.status == "failed" for job in group)}
     return values, failed
+
+
+def grid_flags(jobs: list[Job]) -> dict[Point, str]:
+    """Per (T, alpha) point whose ok jobs include a flagged student: the note, e.g. ``1/3 collapsed``."""
+    points: dict[Point, list[Job]] = {}
+    for job in jobs:
+        if job.T is not None and job.alpha is not None and job.status == "ok":
+            points.setdefault((job.T, job.alpha), []).append(job)
+    notes = {}
+    for point, group in points.items():
+        counts = {flag: sum(bool(job.metrics.get(f"student.{flag}")) for job in group) for flag in FLAGS}
+        if any(counts.values()):
+            notes[point] = ", ".join(f"{k}/{len(group)} {flag}" for flag, k in counts.items() if k)
+    return notes
 
 
 def colour_centre(jobs: list[Job], reference: str, values: dict[Point, float | None]) -> tuple[float, str]:
@@ -184,7 +242,8 @@ def write_heatmaps(sweep_dir: Path, jobs: list[Job], keys: list[str]) -> list[Pa
             center, how = colour_centre(group, reference, values)
             title = f"distilled student {what}" + (f" ({label})" if label else "") + f"\n{how}"
             path = sweep_dir / f"heatmap_{name}{suffix}.png"
-            written.append(plot_grid(values, failed, center, title, path, label=f"student {what}"))
+            marks = Marks(failed, grid_flags(group))
+            written.append(plot_grid(values, marks, center, title, path, label=f"student {what}"))
     return written
 
 
@@ -308,6 +367,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _blank_none(values: list[Any]) -> list[Any]:
+    return ["" if v is None else v for v in values]
+
+
 def _ok_values(jobs: list[Job], metric: str) -> list[float]:
     return [job.metrics[metric] for job in jobs if job.status == "ok" and job.metrics.get(metric) is not None]
 
@@ -357,10 +420,12 @@ def _results_table(jobs: list[Job], axes: list[str]) -> list[str]:
     groups: dict[tuple[str, ...], list[Job]] = {}
     for job in jobs:
         groups.setdefault(tuple(job.params.get(k, "") for k in axes), []).append(job)
-    header = [*axes, "n ok", "objective: val acc %", "student test acc %", "KD gain (points)", "status"]
+    header = [*axes, "n ok", "objective: val acc %", "student test acc %", "KD gain (points)"]
+    header += ["KD gain 95% CI (points)", "notes", "status"]
     rows = [header, ["---"] * len(header)]
     for values, group in sorted(groups.items(), key=lambda item: _rank(item[1])):
         ok = [job for job in group if job.status == "ok"]
+        gain = t_interval(_ok_values(ok, "kd_gain"))
         rows.append(
             [
                 *(_short(value) for value in values),
@@ -368,10 +433,32 @@ def _results_table(jobs: list[Job], axes: list[str]) -> list[str]:
                 _mean_std(_ok_values(ok, "objective")),
                 _mean_std(_ok_values(ok, "student.test_acc")),
                 _mean_std(_ok_values(ok, "kd_gain"), signed=True),
+                _interval_cell(gain),
+                "; ".join(_row_notes(ok, gain)),
                 _group_status(group),
             ]
         )
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _interval_cell(gain: MeanInterval) -> str:
+    if gain.low is None or gain.high is None:
+        return "n=1: no interval" if gain.n == 1 else "–"
+    return f"[{100 * gain.low:+.2f}, {100 * gain.high:+.2f}]"
+
+
+def _row_notes(ok: list[Job], gain: MeanInterval) -> list[str]:
+    """What a pooled row must not hide: a gain within noise, flagged runs, a teacher no better than the baseline."""
+    notes = ["**within noise**"] if gain.within_noise else []
+    for flag in FLAGS:
+        flagged = [job for job in ok if any(f == flag for _, f, _ in job_flags(job))]
+        if flagged:
+            stages = sorted({stage for job in flagged for stage, f, _ in job_flags(job) if f == flag})
+            notes.append(f"**{len(flagged)} of {len(ok)} runs {flag}** ({', '.join(stages)})")
+    warned = sum("teacher_lead_warning" in job.metrics for job in ok)
+    if warned:
+        notes.append(f"teacher no better than baseline ({warned} of {len(ok)} runs)")
+    return notes
 
 
 def _short(value: str) -> str:
@@ -392,6 +479,22 @@ def _group_status(group: list[Job]) -> str:
     if len(statuses) == 1:
         return statuses.pop()
     return f"{sum(job.status == 'ok' for job in group)}/{len(group)} ok"
+
+
+def _flag_lines(jobs: list[Job]) -> list[str]:
+    """The jobs with a collapsed or diverged stage, each flag with its reason; the teacher-lead warnings, once each."""
+    lines = []
+    for job in jobs:
+        for stage, flag, reason in job_flags(job):
+            lines.append(f"{_job_line(job)}: {stage} {flag}" + (f": {reason}" if reason else ""))
+    if lines:
+        lines = ["", "## Flagged jobs (collapsed or diverged)", "", *lines]
+    warnings = Counter(str(job.metrics.get("teacher_lead_warning") or "") for job in jobs)
+    del warnings[""]
+    if warnings:
+        lines += ["", "## Teacher no better than the baseline", ""]
+        lines += [f"- {text} ({n} job{'s' if n > 1 else ''})" for text, n in warnings.items()]
+    return lines
 
 
 def _job_line(job: Job) -> str:

@@ -12,8 +12,16 @@ import yaml
 from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from kdrun.reporting.heatmap import plot_kind
-from kdrun.reporting.sweep import collect_jobs, colour_centre, grid_values, main, write_summary
+from kdrun.reporting.heatmap import HATCH, Marks, grid_figure, plot_kind
+from kdrun.reporting.sweep import (
+    POOLED_COLUMNS,
+    collect_jobs,
+    colour_centre,
+    grid_flags,
+    grid_values,
+    main,
+    write_summary,
+)
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
@@ -125,9 +133,10 @@ def test_grid_all_ok(tmp_path):
     assert len(rows) == 4
     header = list(rows[0])
     assert header[:5] == ["job", "status", "error", "T", "alpha"]
-    groups = [h.split(".")[0] if "." in h else "" for h in header[5:]]
+    pooled = len(POOLED_COLUMNS)
+    groups = [h.split(".")[0] if "." in h else "" for h in header[5:-pooled]]
     assert groups == sorted(groups, key=["config", "teacher", "baseline", "student", ""].index)
-    assert header[-2:] == ["kd_gain", "objective"]
+    assert header[-pooled - 4 :] == ["kd_gain", "objective", "teacher_lead", "teacher_lead_warning", *POOLED_COLUMNS]
     by_point = {(r["T"], r["alpha"]): r for r in rows}
     assert {p: float(r["student.test_acc"]) for p, r in by_point.items()} == accs
     assert by_point["4", "0.1"]["job"] == "T=4,alpha=0.1,dataset=mnist"
@@ -138,7 +147,7 @@ def test_grid_all_ok(tmp_path):
     assert md.count("teacher resnet18") == 1 and md.count("baseline cnn") == 1
     table = table_rows(md)
     assert [row[:2] for row in table] == [["4", "0.1"], ["1", "0.5"], ["1", "0.1"], ["4", "0.5"]]
-    assert table[0][3:] == ["98.60", "98.50", "+3.50", "ok"]
+    assert table[0][3:] == ["98.60", "98.50", "+3.50", "n=1: no interval", "", "ok"]
     assert "## Failed jobs" not in md
     for png in written[2:]:
         assert_png(png)
@@ -302,3 +311,118 @@ def test_uncached_teachers_of_different_seeds_count_once_each(tmp_path):
         (job / "metrics.json").write_text(json.dumps(metrics))
     write_summary(sweep)
     assert "teacher ensemble on mnist: test acc 99.40 ± 0.00% (n=2)" in (sweep / "summary.md").read_text()
+
+
+def edit_metrics(job: Path, **stages: dict) -> None:
+    """Merge ``stages`` (stage or top-level key -> entries) into the job's metrics.json."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    for key, value in stages.items():
+        if isinstance(value, dict):
+            metrics[key].update(value)
+        else:
+            metrics[key] = value
+    (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_paired_gain_over_seeds_with_its_t_interval(tmp_path):
+    # The baseline of seed s is 0.95 + 0.001 s; kd_gain = student - baseline of the same job.
+    # T=1: gains 0.01, 0.03, 0.02 -> mean 0.02, std 0.01, t_{0.975,2} = 4.302653,
+    #      half-width 4.302653 * 0.01 / sqrt(3) = 0.0248414 -> [-0.0048414, 0.0448414]: within noise.
+    # T=4: gains 0.02, 0.03, 0.04 -> [0.0051586, 0.0548414]: not within noise.
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2", "T=1,4"])
+    gains = {"1": [0.01, 0.03, 0.02], "4": [0.02, 0.03, 0.04]}
+    for seed in range(3):
+        for T in ("1", "4"):
+            add_job(sweep, [f"seed={seed}", f"T={T}"], 0.95 + 0.001 * seed + gains[T][seed])
+
+    write_summary(sweep)
+
+    rows = read_csv(sweep)
+    expected = {"1": (-0.0048414, 0.0448414, "True"), "4": (0.0051586, 0.0548414, "False")}
+    for row in rows:
+        low, high, within = expected[row["T"]]
+        assert float(row["gain_mean"]) == pytest.approx(statistics.fmean(gains[row["T"]]))
+        assert float(row["gain_std"]) == pytest.approx(0.01) and row["gain_n"] == "3"
+        assert float(row["gain_ci95_low"]) == pytest.approx(low, abs=1e-6)
+        assert float(row["gain_ci95_high"]) == pytest.approx(high, abs=1e-6)
+        assert row["within_noise"] == within
+    table = {row[0]: row for row in table_rows((sweep / "summary.md").read_text())}
+    assert table["1"][4:7] == ["+2.00 ± 1.00", "[-0.48, +4.48]", "**within noise**"]
+    assert table["4"][4:7] == ["+3.00 ± 1.00", "[+0.52, +5.48]", ""]
+
+
+def test_a_single_seed_has_no_interval(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4"])
+    add_job(sweep, ["T=1"], 0.97)
+    add_job(sweep, ["T=4"], error="boom")
+
+    write_summary(sweep)
+
+    one, failed = read_csv(sweep)
+    assert float(one["gain_mean"]) == pytest.approx(0.02) and one["gain_n"] == "1"
+    assert one["gain_std"] == one["gain_ci95_low"] == one["gain_ci95_high"] == one["within_noise"] == ""
+    assert failed["gain_n"] == "0" and failed["gain_mean"] == ""
+    table = table_rows((sweep / "summary.md").read_text())
+    assert table[0][5] == "n=1: no interval" and table[1][5] == "–"
+
+
+def test_flagged_runs_are_marked_and_never_pooled_silently(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2", "T=1,4"])
+    jobs = {(seed, T): add_job(sweep, [f"seed={seed}", f"T={T}"], 0.97) for seed in range(3) for T in (1, 4)}
+    reason = "val acc stayed at chance (10.0%) for the last 3 epochs"
+    edit_metrics(jobs[1, 4], student={"collapsed": True, "flag_reason": reason, "test_acc": 0.1})
+    edit_metrics(jobs[2, 4], baseline={"diverged": True, "flag_reason": "loss was NaN in epoch 2"})
+
+    write_summary(sweep)
+
+    rows = {r["job"]: r for r in read_csv(sweep)}
+    assert (rows["seed=1,T=4"]["collapsed"], rows["seed=1,T=4"]["diverged"]) == ("student", "")
+    assert (rows["seed=2,T=4"]["collapsed"], rows["seed=2,T=4"]["diverged"]) == ("", "baseline")
+    assert rows["seed=1,T=4"]["student.flag_reason"] == reason
+    assert all(r["collapsed"] == r["diverged"] == "" for name, r in rows.items() if name.endswith("T=1"))
+    md = (sweep / "summary.md").read_text()
+    table = {row[0]: row for row in table_rows(md)}
+    assert "**1 of 3 runs collapsed** (student)" in table["4"][6]
+    assert "**1 of 3 runs diverged** (baseline)" in table["4"][6]
+    assert "collapsed" not in table["1"][6] and "diverged" not in table["1"][6]
+    flagged = md.split("## Flagged jobs (collapsed or diverged)")[1]
+    assert f"- `seed=1 T=4` in `seed=1,T=4`: student collapsed: {reason}" in flagged
+    assert "- `seed=2 T=4` in `seed=2,T=4`: baseline diverged: loss was NaN in epoch 2" in flagged
+
+    assert grid_flags(collect_jobs(sweep)) == {(4.0, 0.2): "1/3 collapsed"}  # the student's flags only
+    assert_png(sweep / "heatmap_test_acc.png")
+
+
+def hatched(fig) -> list:
+    return [p for ax in fig.axes for p in ax.patches if p.get_hatch() == HATCH]
+
+
+def test_a_cell_with_a_flagged_student_is_hatched_and_annotated():
+    values = {(1.0, 0.1): 0.96, (4.0, 0.1): 0.5, (1.0, 0.5): None, (4.0, 0.5): 0.97}
+    marks = Marks(failed={(1.0, 0.5)}, flagged={(4.0, 0.1): "1/3 collapsed"})
+
+    fig = grid_figure(values, marks, 0.95, "title")
+
+    (patch,) = hatched(fig)
+    assert patch.get_xy() == (0.5, -0.5) and (patch.get_width(), patch.get_height()) == (1, 1)  # column T=4, row 0.1
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "50.00%\n-45.00\n1/3 collapsed" in texts and "failed" in texts
+    assert not hatched(grid_figure(values, Marks(failed={(1.0, 0.5)}), 0.95, "title"))
+
+
+def test_teacher_lead_warning_reaches_the_summary(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["seed=0,1"])
+    warning = "the teacher is no better than the student alone: KD has nothing to transfer (...)"
+    for seed in range(2):
+        job = add_job(sweep, [f"seed={seed}"], 0.97)
+        lead = {"teacher_lead": 0.001} | ({"teacher_lead_warning": warning} if seed == 0 else {})
+        edit_metrics(job, **lead)
+
+    write_summary(sweep)
+
+    rows = read_csv(sweep)
+    assert [r["teacher_lead_warning"] for r in rows] == [warning, ""]
+    assert [float(r["teacher_lead"]) for r in rows] == [0.001, 0.001]
+    md = (sweep / "summary.md").read_text()
+    assert "teacher no better than baseline (1 of 2 runs)" in table_rows(md)[0][5]
+    assert f"- {warning} (1 job)" in md.split("## Teacher no better than the baseline")[1]
