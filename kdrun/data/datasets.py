@@ -107,12 +107,15 @@ def load_digits(options: dict) -> Source:
     images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
     fraction = float(options.get("test_fraction", 0.2))
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=fraction,
-        stratify=labels.numpy(),
-        random_state=int(options.get("split_seed", 0)),
-    )
+    try:
+        train_idx, test_idx = train_test_split(
+            torch.arange(len(labels)).numpy(),
+            test_size=fraction,
+            stratify=labels.numpy(),
+            random_state=int(options.get("split_seed", 0)),
+        )
+    except ValueError as e:  # a split too small to hold every class once
+        raise KdrunError(f"dataset.test_fraction={fraction} leaves a split of digits without every class ({e})") from e
     train_idx, test_idx = torch.from_numpy(train_idx).sort().values, torch.from_numpy(test_idx).sort().values
     return Source(
         TensorSplit(images[train_idx], labels[train_idx]), TensorSplit(images[test_idx], labels[test_idx]), 10, 1, 8

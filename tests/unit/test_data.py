@@ -218,3 +218,8 @@ def test_missing_files_offline_is_one_clear_line(tmp_path):
     assert "\n" not in message and str(tmp_path / "MNIST" / "raw") in message and "dataset.download=true" in message
     with pytest.raises(KdrunError, match="must hold train/<class>/ and test/<class>/"):
         build_data({"name": "imagefolder", "root": str(tmp_path)})
+
+
+def test_digits_test_fraction_too_small_for_every_class_is_one_clear_line():
+    with pytest.raises(KdrunError, match=r"^dataset.test_fraction=0.004 leaves a split of digits without every class"):
+        build_data({"name": "digits", "test_fraction": 0.004})
