@@ -26,7 +26,7 @@ from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
 from kdrun.models.checkpoint import load_model, load_model_with_meta, save_model
 from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
-from kdrun.pipeline.history import replay, stored_history
+from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.loop import Stage, fit
 from kdrun.training.predict import evaluate, predict, with_state
@@ -195,7 +195,8 @@ def reusable_stage(ctx: RunContext, stage: str, model_cfg: DictConfig, name: str
     model, meta = load_model_with_meta(entry.model_path, model_cfg, ctx.data.spec, key=key)
     model = model.to(ctx.runtime.device)
     _link_or_skip(entry.model_path, ctx.run_dir / f"{name}.pt")
-    replayed = replay(ctx.writer, name, stored_history(meta, key), f"cache {entry.key}")
+    done = logged_epochs(state_path(ctx.run_dir, name))  # by an earlier attempt of this run, killed while training
+    replayed = replay(ctx.writer, name, stored_history(meta, key), f"cache {entry.key}", after=done)
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key, "history_source": replayed}
     log.info(
         "%s: %s reused from the cache (key %s, built %s), test acc %.2f%%",
@@ -317,9 +318,8 @@ def train_stage(
     eval_batch = cfg.train.eval_batch_size
     last_test = evaluate(result.model, data.test, data, ctx.runtime, eval_batch)
     best_test = evaluate(best, data.test, data, ctx.runtime, eval_batch)
-    save_run_model(
-        ctx.run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch, history=result.history
-    )
+    history = to_store(result.history)
+    save_run_model(ctx.run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch, history=history)
     return best, {
         "source": "trained",
         "cache_key": None,

@@ -2,6 +2,7 @@
 still has its curves in the run's TensorBoard, at the same tags and steps as in the run that trained it."""
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -9,8 +10,9 @@ from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdrun.core.io import file_sha256
-from kdrun.pipeline.history import replay, stored_history
+from kdrun.pipeline.history import replay, stored_history, to_store
 from kdrun.pipeline.run import run
+from kdrun.pipeline.rundir import state_path
 
 QUICK = ["train.teacher.epochs=2", "train.student.epochs=2", "report.enabled=false", "train.progress=false"]
 CURVES = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "img_per_s", "peak_mem_mb")
@@ -61,6 +63,15 @@ def test_cached_and_checkpoint_teachers_replay_the_curves_of_the_run_that_traine
     for stage in ("teacher", "baseline"):
         assert scalars(tmp_path / "second", stage) == scalars(tmp_path / "first", stage)
 
+    # Killed after the teacher's epoch 1 (its curves written live) while another job cached it: epoch 2 is replayed.
+    partial = tmp_path / "partial"
+    state_path(partial, "teacher").parent.mkdir(parents=True)
+    torch.save({"stage": "teacher", "epoch": 1}, state_path(partial, "teacher"))
+    assert run_with(partial, "baseline=false", cache)["teacher"]["source"] == "cache"
+    trained = scalars(tmp_path / "first", "teacher")
+    assert scalars(partial, "teacher") == {tag: points[1:] for tag, points in trained.items()}
+    assert not state_path(partial, "teacher").exists()
+
 
 def test_models_without_curves_still_work_and_record_none(tmp_path):
     cache = f"cache.dir={tmp_path / 'cache'}"
@@ -99,3 +110,18 @@ def test_rows_that_are_not_epoch_rows_are_reported_not_replayed(caplog):
     assert replay(Writer(), "teacher_2", stored_history({"history": rows}, "ok"), "cache abc") == "cache abc"
     assert written == [("teacher_2/lr", 0.1, 1), ("teacher_2/val/acc", 0.5, 1)]  # the live loop's tags
     assert replay(Writer(), "teacher", None, "cache abc") is None
+
+
+def test_stored_rows_pickle_to_a_size_that_depends_on_their_values_alone():
+    # a resumed stage's rows are half read back from its training state: their keys are other string objects
+    def row(epoch: int, key: str) -> dict:
+        return {"epoch": epoch, key: 0.5, "lr": 0.1}
+
+    shared = [row(e, "train/loss") for e in (1, 2, 3)]
+    separate = [row(e, "".join(["train/", "loss"])) for e in (1, 2, 3)]
+
+    def size(rows) -> int:  # torch.save pickles the metadata with protocol 2 (its zip pads the sizes)
+        return len(pickle.dumps({"history": rows}, protocol=2))
+
+    assert size(shared) < size(separate)  # what made a resumed run's size_mb differ
+    assert size(to_store(shared)) == size(to_store(separate))
