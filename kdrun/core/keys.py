@@ -39,6 +39,8 @@ ROLES: dict[str, Role] = {
     "hparams_search": Role(names_run=False),
 }
 ROOT_IS_THE_DATA = {"imagefolder"}
+# How kdrun.data estimates a folder dataset's normalisation; models trained under another estimate are other models.
+FOLDER_STATS = "seeded-sample-512"
 
 # What makes two runs' stage models the same model, in the metrics of a stage, in this order.
 MODEL_IDENTITY_KEYS = ("cache_key", "checkpoint_sha256", "ensemble_key")
@@ -64,6 +66,8 @@ def dataset_identity(cfg: Any) -> dict[str, Any]:
     identity = {k: v for k, v in options.items() if role(f"dataset.{k}").identifies}
     if options.get("name") in ROOT_IS_THE_DATA and options.get("root"):
         identity["root"] = os.path.abspath(os.path.expanduser(str(options["root"])))
+    if options.get("name") in ROOT_IS_THE_DATA:
+        identity["stats"] = FOLDER_STATS
     return identity
 
 

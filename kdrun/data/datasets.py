@@ -24,6 +24,7 @@ from kdrun.data.transforms import BatchTransform, channel_stats
 
 DATASETS = Registry("dataset")
 ImageSize = Annotated[int, Range(ge=1, le=4096)]
+STATS_SAMPLE = 512  # folder datasets: images read to estimate the normalisation (reading them all would be slow)
 # The keys every dataset option has (a loader declares its own with ``takes``). batch_size, epochs and
 # student_max_samples are the defaults of the train.<stage> recipes.
 COMMON_DATASET_KEYS: dict[str, Any] = {
@@ -63,7 +64,8 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> Data:
             f"dataset.val_fraction={options.get('val_fraction')} leaves no training or no validation "
             f"samples out of {n_train}"
         )
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(int(options.get("split_seed", 0))))
+    split_seed = int(options.get("split_seed", 0))
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
     train: Split
     val: Split
@@ -77,11 +79,19 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> Data:
         full = LoaderSplit(source.train, torch.arange(n_train), workers, device)
         train, val = full.subset(train_idx), full.subset(val_idx)
         test = LoaderSplit(source.test, torch.arange(len(source.test)), workers, device)
-        mean, std = channel_stats(torch.stack([source.train[int(i)][0] for i in train_idx[:512]]))
+        mean, std = _sampled_stats(source.train, train_idx, split_seed)
     augment_cfg = options.get("augment") or {}
     transform = BatchTransform(mean, std, augment_cfg.get("crop_pad", 0), augment_cfg.get("flip", False))
     spec = DataSpec(source.num_classes, source.in_channels, source.image_size)
     return Data(name, spec, train.to(device), val.to(device), test.to(device), transform.to(device))
+
+
+def _sampled_stats(dataset: Any, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``channel_stats`` of a seeded random sample of ``indices`` (at most ``STATS_SAMPLE``): drawn across the whole
+    split, since a folder dataset's indices run class by class and their first ones may all be of one class."""
+    pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
+    sample = indices[pick].sort().values  # read in file order
+    return channel_stats(torch.stack([dataset[int(i)][0] for i in sample]))
 
 
 # ---- dataset loaders: one registered function per dataset, each returning its official splits ----
@@ -97,12 +107,15 @@ def load_digits(options: dict) -> Source:
     images = torch.from_numpy(digits.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(digits.target).long()
     fraction = float(options.get("test_fraction", 0.2))
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=fraction,
-        stratify=labels.numpy(),
-        random_state=int(options.get("split_seed", 0)),
-    )
+    try:
+        train_idx, test_idx = train_test_split(
+            torch.arange(len(labels)).numpy(),
+            test_size=fraction,
+            stratify=labels.numpy(),
+            random_state=int(options.get("split_seed", 0)),
+        )
+    except ValueError as e:  # a split too small to hold every class once
+        raise KdrunError(f"dataset.test_fraction={fraction} leaves a split of digits without every class ({e})") from e
     train_idx, test_idx = torch.from_numpy(train_idx).sort().values, torch.from_numpy(test_idx).sort().values
     return Source(
         TensorSplit(images[train_idx], labels[train_idx]), TensorSplit(images[test_idx], labels[test_idx]), 10, 1, 8

@@ -44,6 +44,13 @@ def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[st
 def load_model(path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint") -> nn.Module:
     """Build the configured model and load ``path`` into it; another architecture, class or channel count
     than the run's is a one-line error naming both."""
+    return load_model_with_meta(path, model_cfg, spec, key)[0]
+
+
+def load_model_with_meta(
+    path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``load_model``, and the file's other entries (``save_model``'s ``meta``; none for a plain state_dict)."""
     ckpt = read_checkpoint(path, key)
     want = model_name(model_cfg)
     saved_cfg = ckpt.get("model_cfg")
@@ -80,4 +87,4 @@ def load_model(path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str
             parts.append(f"shape mismatch (checkpoint vs model): {'; '.join(shapes[:3])}")
         raise KdrunError(f"{key}={path} does not fit {want} for this dataset: {', '.join(parts)}")
     model.load_state_dict(state)
-    return model
+    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -1,17 +1,19 @@
 """The model registry and ``build_model(cfg, spec)``: a leaf module that the model families register into.
 
 A model is a registered builder ``fn(num_classes, in_channels, image_size, **options)``; the YAML in
-``conf/model/`` names it and sets its options. A config with ``_target_`` builds any importable class
-instead, and ``name`` may be any torchvision classification model.
+``conf/model/`` names it and sets its options. A config with ``_target_`` builds the model with any importable
+class or function instead (a factory such as timm's ``create_model``), and ``name`` may be any torchvision
+classification model.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_object, instantiate
 
 from kdrun.core.errors import KdrunError
 from kdrun.core.registry import Registry, to_dict
@@ -41,18 +43,38 @@ def build_model(cfg: Any, spec: DataSpec, key: str = "model") -> nn.Module:
     sizes = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": spec.image_size}
     if "_target_" in arch:
         arch.pop("name", None)
-        try:
-            params = inspect.signature(get_class(arch["_target_"])).parameters
-        except Exception as e:  # import errors, a path that is no class
-            raise KdrunError(f"{key}._target_={arch['_target_']!r} cannot be imported: {e}") from e
-        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        extra = {k: v for k, v in sizes.items() if k not in arch and (takes_all or k in params)}
-        return instantiate(arch, **extra)
+        return _build_target(arch, sizes, key)
     check_model_cfg(arch, key)
     name = str(arch.pop("name"))
     if name in MODELS:
         return MODELS.get(name)(**sizes, **arch)
     return build_torchvision(name, **sizes, **arch)  # type: ignore[arg-type]  # options checked above
+
+
+def _build_target(arch: dict[str, Any], sizes: dict[str, int], key: str) -> nn.Module:
+    """The model of a ``_target_`` node: a class or a function that returns an ``nn.Module``, passed the sizes its
+    signature takes (all of them with ``**kwargs``) unless the node sets them."""
+    target = arch["_target_"]
+    try:
+        fn = get_object(str(target))
+    except Exception as e:  # whatever importing the user's module raises
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise KdrunError(f"{key}._target_={target!r} cannot be imported: {reason}") from e
+    if not callable(fn):
+        raise KdrunError(
+            f"{key}._target_={target!r} is a {type(fn).__name__}, not a class or function that builds a model"
+        )
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature: pass it no sizes
+        params = {}
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in sizes.items() if k not in arch and (takes_all or k in params)}
+    model = instantiate(arch, **extra)
+    if not isinstance(model, nn.Module):
+        raise KdrunError(f"{key}._target_={target!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def check_model_cfg(cfg: Any, key: str = "model") -> None:

@@ -24,8 +24,9 @@ from kdrun.data import Data, labels_of, with_augment, with_train_subset
 from kdrun.data.augment import build_mix
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
-from kdrun.models.checkpoint import load_model, save_model
+from kdrun.models.checkpoint import load_model, load_model_with_meta, save_model
 from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
+from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.health import Chance, advice, assess
 from kdrun.training.loop import Stage, fit
@@ -101,15 +102,19 @@ def student_stage(ctx: RunContext, teacher: nn.Module, teacher_metrics: dict[str
 
 
 def checkpoint_stage(ctx: RunContext, name: str, model_cfg: DictConfig) -> Made:
-    """A trained teacher read from ``model_cfg.checkpoint``, tested like a trained one, copied into the run dir."""
+    """A trained teacher read from ``model_cfg.checkpoint``, tested like a trained one, copied into the run dir
+    (with its training curves, when the file has them: they are replayed into this run's TensorBoard)."""
     path = model_cfg.checkpoint
-    teacher = load_model(path, model_cfg, ctx.data.spec, key=f"{name}.checkpoint").to(ctx.runtime.device)
+    teacher, meta = load_model_with_meta(path, model_cfg, ctx.data.spec, key=f"{name}.checkpoint")
+    teacher = teacher.to(ctx.runtime.device)
+    history = stored_history(meta, f"{name}.checkpoint={path}")
     log.info("%s %s loaded from %s", name, model_name(model_cfg), path)
     val, test = ctx.evaluate(teacher, "val"), ctx.evaluate(teacher, "test")
-    save_run_model(ctx.run_dir / f"{name}.pt", teacher, model_cfg, ctx.data.spec, source=str(path))
+    save_run_model(ctx.run_dir / f"{name}.pt", teacher, model_cfg, ctx.data.spec, source=str(path), history=history)
     return teacher, {
         "source": "checkpoint",
         "cache_key": None,
+        "history_source": replay(ctx.writer, name, history, f"checkpoint {path}"),
         "checkpoint_sha256": file_sha256(Path(path).expanduser()),
         **tested_metrics(teacher, model_cfg, val, test),
     }
@@ -140,6 +145,7 @@ def ensemble_teacher(ctx: RunContext) -> Made:
     return ensemble, {
         "source": "ensemble",
         "cache_key": None,
+        "history_source": None,  # never trained as a whole: each member has its own
         # What the teacher-logits cache keys on: the members and the temperature of the average.
         "ensemble_key": cache_key({"members": identities, "T": float(cfg.T)}) if all(identities) else None,
         "members": member_metrics,
@@ -187,9 +193,12 @@ def reusable_stage(ctx: RunContext, stage: str, model_cfg: DictConfig, name: str
         model, metrics = trained[0]
         return model, {**metrics, "cache_key": entry.key}
     key = f"cache entry {entry.dir}"
-    model = load_model(entry.model_path, model_cfg, ctx.data.spec, key=key).to(ctx.runtime.device)
+    model, meta = load_model_with_meta(entry.model_path, model_cfg, ctx.data.spec, key=key)
+    model = model.to(ctx.runtime.device)
     _link_or_skip(entry.model_path, ctx.run_dir / f"{name}.pt")
-    metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key}
+    done = logged_epochs(state_path(ctx.run_dir, name))  # by an earlier attempt of this run, killed while training
+    replayed = replay(ctx.writer, name, stored_history(meta, key), f"cache {entry.key}", after=done)
+    metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key, "history_source": replayed}
     if metrics.get("flag_reason"):
         warn_flagged(name, metrics)
     log.info(
@@ -327,10 +336,12 @@ def train_stage(
     eval_batch = cfg.train.eval_batch_size
     last_test = evaluate(result.model, data.test, data, ctx.runtime, eval_batch)
     best_test = evaluate(best, data.test, data, ctx.runtime, eval_batch)
-    save_run_model(ctx.run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch)
+    history = to_store(result.history)
+    save_run_model(ctx.run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch, history=history)
     return best, {
         "source": "trained",
         "cache_key": None,
+        "history_source": "trained",
         "model": model_name(model_cfg),
         "params": count_params(model),
         "test_acc": last_test["acc"],

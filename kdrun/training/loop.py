@@ -279,11 +279,18 @@ def _new_state(stage: Stage, model: nn.Module, objective: Objective, data: Data,
     return TrainingState(stage.name, model, objective, optimizer, scheduler, scaler, generator, augment)
 
 
+def write_epoch(writer: Any, name: str, row: dict[str, float]) -> None:
+    """One epoch's ``history`` row as TensorBoard scalars ``<name>/<tag>`` at step ``row["epoch"]``: the one
+    place that writes them, for the live loop and for curves replayed from a cached or loaded model."""
+    if writer is None:
+        return
+    for tag, value in row.items():
+        if tag != "epoch" and (not tag.startswith("val/") or tag in ("val/loss", "val/acc")):
+            writer.add_scalar(f"{name}/{tag}", value, int(row["epoch"]))
+
+
 def _log_epoch(stage: Stage, epoch: int, row: dict[str, float]) -> None:
-    if stage.writer is not None:
-        for tag, value in row.items():
-            if tag != "epoch" and (not tag.startswith("val/") or tag in ("val/loss", "val/acc")):
-                stage.writer.add_scalar(f"{stage.name}/{tag}", value, epoch)
+    write_epoch(stage.writer, stage.name, row)
     log.info(
         "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f img/s",
         *(stage.name, epoch, stage.epochs, row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"]),

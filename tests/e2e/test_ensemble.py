@@ -6,6 +6,7 @@ import pytest
 
 from kdrun.pipeline.run import run
 from tests.unit.test_engine import config
+from tests.unit.test_history import scalars
 
 MEMBERS = "teacher.members=[{name: lenet5}, {name: mlp, hidden: [32]}]"
 
@@ -30,3 +31,6 @@ def test_ensemble_teacher_end_to_end_with_members_cached_one_by_one(tmp_path, da
     run(config(*extra[:1], other, *extra[2:]), tmp_path / "second")
     second = json.loads((tmp_path / "second" / "metrics.json").read_text())["teacher"]["members"]
     assert [m["source"] for m in second] == ["cache", "trained"]
+    # the cached member's curves are replayed under this run's member name, as the first run wrote them
+    assert [m["history_source"] for m in second] == [f"cache {second[0]['cache_key']}", "trained"]
+    assert scalars(tmp_path / "second", "teacher_1") == scalars(tmp_path / "first", "teacher_1") != {}

@@ -69,6 +69,8 @@ def test_parallel_sweep_trains_one_teacher_and_one_baseline_then_none(tmp_path):
         hp = hparams_of(acc)
         assert {hp["T"], hp["alpha"]} == {read_metrics(job)["config"]["T"], read_metrics(job)["config"]["alpha"]}
         assert "seed" in hp and "final/student_test_acc" in acc.Tags()["scalars"]
+        # every job shows the teacher's and the baseline's curves, replayed where they came from the cache
+        assert {"teacher/val/acc", "baseline/train/loss"} <= set(acc.Tags()["scalars"])
 
     result, again = sweep(tmp_path, "again", *GRID, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     assert result.returncode == 0, result.stderr[-3000:]

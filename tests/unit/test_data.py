@@ -189,6 +189,28 @@ def test_fake_data_and_imagefolder(tmp_path):
     assert x.shape == (4, 1, 16, 16) and x.dtype == torch.uint8 and folder.spec.num_classes == 2
 
 
+def test_imagefolder_normalisation_is_estimated_across_classes(tmp_path):
+    from PIL import Image
+
+    from kdrun.data.datasets import STATS_SAMPLE
+
+    # folder indices run class by class: the first STATS_SAMPLE training images are all of class a (black)
+    counts = {"a": STATS_SAMPLE + 100, "b": 200}
+    for part, n in (("train", counts), ("test", {"a": 1, "b": 1})):
+        for cls, shade in (("a", 0), ("b", 255)):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for i in range(n[cls]):
+                Image.fromarray(np.full((4, 4), shade, dtype=np.uint8)).save(tmp_path / part / cls / f"{i:04}.png")
+    options = {"name": "imagefolder", "root": str(tmp_path), "image_size": 4, "channels": 1, "num_workers": 0}
+    data = build_data(options)
+    white = sum(int(labels.sum()) for _, labels, _ in data.train.batches(256))  # class b has label 1
+    true_mean = white / len(data.train)
+    mean = float(data.transform.mean.flatten()[0])
+    assert abs(mean - true_mean) < 0.06, (mean, true_mean)  # about 0.25; the first 512 images gave 0.0
+    assert float(data.transform.std.flatten()[0]) > 0.3
+    assert float(build_data(options).transform.mean.flatten()[0]) == mean  # seeded by dataset.split_seed
+
+
 def test_missing_files_offline_is_one_clear_line(tmp_path):
     with pytest.raises(KdrunError) as err:
         build_data({"name": "mnist", "root": str(tmp_path), "download": False})
@@ -196,3 +218,8 @@ def test_missing_files_offline_is_one_clear_line(tmp_path):
     assert "\n" not in message and str(tmp_path / "MNIST" / "raw") in message and "dataset.download=true" in message
     with pytest.raises(KdrunError, match="must hold train/<class>/ and test/<class>/"):
         build_data({"name": "imagefolder", "root": str(tmp_path)})
+
+
+def test_digits_test_fraction_too_small_for_every_class_is_one_clear_line():
+    with pytest.raises(KdrunError, match=r"^dataset.test_fraction=0.004 leaves a split of digits without every class"):
+        build_data({"name": "digits", "test_fraction": 0.004})
