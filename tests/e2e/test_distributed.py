@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kdrun.reporting.stats import difference_interval
 from tests.conftest import read_metrics, run_kdrun
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -26,7 +27,6 @@ RUN = [
 ]
 # Test accuracy of each stage: a 2-process run normalises BatchNorm over each rank's half of the batch, so its
 # models differ slightly from the 1-process run's (360 test images: one image is 0.28 points).
-TOLERANCE = 0.03
 STAGES = ("teacher", "baseline", "student")
 
 
@@ -79,7 +79,10 @@ def test_two_processes_write_one_run_dir_with_the_one_process_metrics(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two_metrics, one_metrics = read_metrics(run_dir), read_metrics(tmp_path / "one")
     for stage in STAGES:
-        assert two_metrics[stage]["test_acc"] == pytest.approx(one_metrics[stage]["test_acc"], abs=TOLERANCE), stage
+        # not bit-equal (each rank normalises over its half of the batch): equal within the noise of the test set
+        n = one_metrics["config"]["test_images"]
+        low, high = difference_interval(two_metrics[stage]["test_acc"], n, one_metrics[stage]["test_acc"], n)
+        assert low <= 0 <= high, (stage, two_metrics[stage]["test_acc"], one_metrics[stage]["test_acc"])
         assert two_metrics[stage]["epochs"] == one_metrics[stage]["epochs"]
 
 
