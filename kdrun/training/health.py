@@ -1,7 +1,7 @@
-"""Did a stage train? A stage whose loss ran away is *diverged*; one whose validation accuracy ends at chance level
-while its training cross-entropy has not fallen below that of a constant prediction is *collapsed* (typically a
-first-epoch blow-up into one class). Either is flagged in the stage's metrics.json entry and in one warning line,
-never left as a silent number."""
+"""Did a stage train? A stage whose loss ran away is *diverged*; one whose training cross-entropy ends above 90% of a
+constant prediction's is *collapsed*: stuck on one class or a few (typically after a first-epoch blow-up), whether or
+not its validation accuracy is exactly chance. Either is flagged in the stage's metrics.json entry and in one
+warning line, never left as a silent number."""
 
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ def assess(history: list[dict[str, float]], nonfinite_steps: int, chance: Chance
         trend = f"training loss {first:.3g} first epoch, {lowest:.3g} lowest, {last:.3g} last"
         reason = f"the loss diverged ({trend}{skipped})" + (f"; {level}" if at_chance else "")
         return {"diverged": True, "flag_reason": reason}
-    if at_chance and ce >= NOT_FALLEN * chance.ce:
-        reason = f"{level} and the training CE {ce:.3g} did not fall below a constant prediction's ({chance.ce:.3g})"
+    if ce >= NOT_FALLEN * chance.ce:  # it never learnt its own training set, whatever validation shows
+        where = level if at_chance else f"validation accuracy {100 * val:.1f}%"
+        floor = f"90% of a constant prediction's ({chance.ce:.3g})"
+        reason = f"the training CE {ce:.3g} did not fall below {floor}; {where}"
         return {"collapsed": True, "flag_reason": reason}
     return {}
 

@@ -91,6 +91,9 @@ def test_health_flags():
     assert assess(history([2.3, math.inf], 0.5), 0, chance)["diverged"] is True
     # a model at chance whose training CE fell (random labels, memorised) is not a collapse
     assert assess(history([2.3, 1.0], 0.1), 0, chance) == {}
+    # stuck on two classes (20%, above chance), its CE never below 90% of ln(10): a collapse all the same
+    stuck = assess(history([19.1, 14.3], 0.2, ce=2.107), 0, chance)
+    assert stuck["collapsed"] is True and "validation accuracy 20.0%" in stuck["flag_reason"]
     # unbalanced classes: chance is the largest class's share, and the prior's entropy
     unbalanced = Chance.of(torch.tensor([0] * 90 + [1] * 10), 2)
     assert (unbalanced.acc, unbalanced.ce) == pytest.approx((0.9, -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))))
