@@ -269,7 +269,6 @@ def artefact_fields(cfg: DictConfig, stage: str, amp: str, model_cfg: Any = None
     or the evaluation batch size (see ``kdrun.core.keys``). ``amp`` is the run's resolved precision.
     """
     model_cfg = (cfg.teacher if stage == "teacher" else cfg.student) if model_cfg is None else model_cfg
-    custom_mix = stage != "teacher" and "_target_" in cfg.augment
     return {
         "code": TRAINING_CODE_VERSION,
         "objective": "ce",
@@ -280,7 +279,7 @@ def artefact_fields(cfg: DictConfig, stage: str, amp: str, model_cfg: Any = None
         "sched": to_dict(cfg.sched),
         "seed": int(cfg.seed),
         "amp": amp,
-        **({"augment": to_dict(cfg.augment)} if custom_mix else {}),
+        **({"augment": to_dict(cfg.augment)} if custom_mix(cfg, stage) else {}),
     }
 
 
@@ -289,13 +288,19 @@ def recipe_of(cfg: DictConfig, stage: str) -> DictConfig:
     return cfg.train.teacher if stage == "teacher" else cfg.train.student
 
 
+def custom_mix(cfg: DictConfig, stage: str) -> bool:
+    """Whether the student's recipe mixes with a mixing of the user's own (an ``augment`` node with ``_target_``),
+    which its recipe's ``mix`` name cannot describe."""
+    return stage != "teacher" and "_target_" in cfg.augment
+
+
 def stage_inputs(ctx: RunContext, stage: str) -> tuple[Data, Any]:
     """The data a stage trains on (its recipe's subset and augmentation) and its batch mixing (or None)."""
     cfg, recipe = ctx.cfg, recipe_of(ctx.cfg, stage)
     augment = recipe.augment
     data = with_train_subset(ctx.data, recipe.get("max_samples"), cfg.dataset.get("split_seed", 0))
     data = with_augment(data, int(augment.crop_pad), bool(augment.flip))
-    if stage != "teacher" and "_target_" in cfg.augment:  # a mixing of the user's own, through the group
+    if custom_mix(cfg, stage):
         return data, build_mix(cfg.augment)
     return data, build_mix({"name": augment.mix, "alpha": augment.mix_alpha})
 
