@@ -29,6 +29,7 @@ from kdrun.data.augment import MIXES, MixAlpha
 from kdrun.data.datasets import COMMON_DATASET_KEYS, DATASETS
 from kdrun.losses import LOSSES
 from kdrun.models import MODELS
+from kdrun.models.checkpoint import CheckpointFormat
 from kdrun.models.torchvision_models import build_torchvision
 from kdrun.reporting.export import FORMATS
 from kdrun.training.optim import OPTIMIZERS, SCHEDULES, WarmupEpochs
@@ -72,6 +73,7 @@ RUN: dict[str, Any] = {
     "cache.enabled": bool,
     "cache.dir": Annotated[str, NonEmpty()],
     "teacher.checkpoint": Annotated[str, NonEmpty()] | None,
+    "teacher.checkpoint_format": CheckpointFormat,
     "sched.warmup_epochs": WarmupEpochs,
 }
 GROUP_ROOTS = ("dataset", "teacher", "student", "loss", "optim", "sched", "augment")
@@ -134,8 +136,8 @@ def group_options(root: str, node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_hint(node: Any, key: str, rest: str) -> Any:
-    if rest == "checkpoint":
-        return RUN["teacher.checkpoint"] if key.startswith("teacher.") else _refuse(key, "a teacher setting only")
+    if rest in ("checkpoint", "checkpoint_format"):
+        return RUN[f"teacher.{rest}"] if key.startswith("teacher.") else _refuse(key, "a teacher setting only")
     if not isinstance(node, dict) or "_target_" in node:
         return Any
     name = str(node.get("name"))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -73,13 +73,15 @@ def _chain(e: BaseException | None) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
-def read_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
-    """Load a dict saved with ``torch.save``, safely (tensors and plain containers only); failures are one line."""
+def read_state(path: str | os.PathLike, key: str = "checkpoint", safe_types: Sequence[type] = ()) -> dict[str, Any]:
+    """Load a dict saved with ``torch.save``, safely (tensors and plain containers only, and instances of the
+    data-only ``safe_types``, e.g. ``argparse.Namespace``, built without running their code); failures are one line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise KdrunError(f"{key}={path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_types)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise KdrunError(

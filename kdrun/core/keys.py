@@ -35,6 +35,7 @@ ROLES: dict[str, Role] = {
     "dataset.augment": RECIPE,  # the teacher's augmentation identifies the teacher only, not the data
     "device": Role(identifies=False, names_run=False),
     "teacher.checkpoint": Role(identifies=False, names_run=False),  # identified by the file's hash instead
+    "teacher.checkpoint_format": Role(identifies=False, names_run=False),  # how the hashed file is read
     "cache": Role(names_run=False),
     "hparams_search": Role(names_run=False),
 }

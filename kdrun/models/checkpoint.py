@@ -1,9 +1,28 @@
-"""Model files: written atomically, read with ``weights_only=True``, checked against the run's config."""
+"""Model files: written atomically, read with ``weights_only=True``, checked against the run's config.
+
+A teacher file (``teacher.checkpoint``) is read in one of these formats (``teacher.checkpoint_format``):
+
+- ``kdrun``: kdrun's own model file (``save_model``) or a plain ``state_dict`` in kdrun's parameter names;
+- ``repdistiller``: a file of RepDistiller's ``train_teacher.py`` / ``train_student.py``, ``{"model": state_dict,
+  ...}`` (also ``<model>_last.pth``, whose ``opt`` is an ``argparse.Namespace``: read as data, never as code);
+- ``mdistiller``: mdistiller's teacher files (RepDistiller's, the same layout) and its ``student_best`` /
+  ``student_latest`` files (``{"model": student.state_dict()}``); its whole-distiller files are refused;
+- ``auto`` (the default): told apart by their keys (``state_dict``: kdrun; ``model``: RepDistiller/mdistiller; a
+  plain state_dict in kdrun's names, else in theirs).
+
+RepDistiller's and mdistiller's CIFAR models share one naming; a kdrun model whose names differ from theirs lists
+the renames in ``FOREIGN_NAMES`` (``(regex, replacement)`` pairs, e.g. ``downsample`` -> ``shortcut``). A
+DataParallel ``module.`` prefix is dropped, and BatchNorm's ``num_batches_tracked`` (absent in files of PyTorch
+< 0.4.1) may be missing.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -11,8 +30,14 @@ import torch.nn as nn
 from kdrun import __version__
 from kdrun.core.errors import KdrunError
 from kdrun.core.io import atomic_save, read_state
+from kdrun.core.schema import check
 from kdrun.data import DataSpec
 from kdrun.models.registry import architecture_cfg, build_model, model_name
+
+CheckpointFormat = Literal["auto", "kdrun", "repdistiller", "mdistiller"]
+SAFE_TYPES = (argparse.Namespace,)  # RepDistiller's <model>_last.pth keeps its command-line options under "opt"
+DISTILLER_PREFIXES = ("student.", "teacher.")  # the keys of mdistiller's whole-distiller files (best, latest)
+NOT_REQUIRED = ".num_batches_tracked"  # a BatchNorm buffer that files of PyTorch < 0.4.1 lack
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: DataSpec, **meta: Any) -> None:
@@ -32,13 +57,88 @@ def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: 
 
 
 def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
-    """A model checkpoint (kdrun's or a plain state_dict), read with ``read_state``."""
-    obj = read_state(path, key)
+    """A kdrun model file (or a plain state_dict) as ``{"state_dict": ..., **meta}``, read with ``read_state``."""
+    return _as_kdrun(read_state(path, key, SAFE_TYPES), path, key)
+
+
+def _as_kdrun(obj: dict[str, Any], path: str | os.PathLike, key: str) -> dict[str, Any]:
+    foreign = isinstance(obj.get("model"), Mapping)
     if "state_dict" not in obj:  # a plain state_dict
         obj = {"state_dict": obj}
-    if not all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
-        raise KdrunError(f"{key}={path} has a state_dict with values that are not tensors")
+    state = obj["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        hint = f"; it looks like a RepDistiller/mdistiller file: set {key}_format=auto" if foreign else ""
+        raise KdrunError(f"{key}={path} has a state_dict with values that are not tensors{hint}")
     return obj
+
+
+def detect_format(obj: Mapping[str, Any]) -> str:
+    """``kdrun`` for a kdrun model file or a plain state_dict, ``mdistiller`` for a file with a whole mdistiller
+    distiller under ``model``, ``repdistiller`` for another ``{"model": state_dict}`` (mdistiller's teachers)."""
+    if isinstance(obj.get("state_dict"), Mapping) or not isinstance(obj.get("model"), Mapping):
+        return "kdrun"
+    keys = _without_parallel(obj["model"])
+    return "mdistiller" if any(k.startswith(DISTILLER_PREFIXES) for k in keys) else "repdistiller"
+
+
+def _without_parallel(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without DataParallel's ``module.`` prefix (when every key has it)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def foreign_state(obj: Mapping[str, Any], path: str | os.PathLike, key: str, fmt: str) -> dict[str, torch.Tensor]:
+    """The one model's state_dict in a RepDistiller / mdistiller file: its ``model`` entry (or the file itself, a
+    plain state_dict), in the file's names."""
+    state = obj["model"] if isinstance(obj.get("model"), Mapping) else obj
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdrunError(
+            f"{key}={path} is not a {fmt} file: it has no 'model' state_dict of tensors (its keys: {_first(list(obj))})"
+        )
+    state = _without_parallel(state)
+    if any(k.startswith(DISTILLER_PREFIXES) for k in state):
+        raise KdrunError(
+            f"{key}={path} ({fmt} format) holds a whole mdistiller distiller (student.* and teacher.* keys), not one "
+            "model: give its student_best / student_latest file, or the teacher's own file"
+        )
+    return state
+
+
+def rename(state: Mapping[str, torch.Tensor], rules) -> dict[str, str]:
+    """kdrun's name -> the file's name for every key of ``state``, by the ``(regex, replacement)`` ``rules``."""
+    names = {}
+    for theirs in state:
+        ours = theirs
+        for pattern, replacement in rules:
+            ours = re.sub(pattern, replacement, ours)
+        names[ours] = theirs
+    return names
+
+
+def misfit(model: nn.Module, state: Mapping[str, torch.Tensor], names: Mapping[str, str], lenient: bool) -> list[str]:
+    """What keeps ``state`` (the file's, reached by ``names``: ours -> theirs) from loading into ``model``: the
+    missing, unexpected and mis-shaped keys, at most 3 of each; ``lenient`` lets ``num_batches_tracked`` be missing."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in names and not (lenient and k.endswith(NOT_REQUIRED))]
+    unexpected = [names[k] for k in names if k not in own]
+    shapes = [
+        f"{names[k]} {tuple(state[names[k]].shape)} vs {k} {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in names and state[names[k]].shape != v.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if shapes:
+        parts.append(f"shape mismatch (checkpoint vs model): {'; '.join(shapes[:3])}")
+    return parts
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
 def load_model(path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint") -> nn.Module:
@@ -50,8 +150,38 @@ def load_model(path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str
 def load_model_with_meta(
     path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """``load_model``, and the file's other entries (``save_model``'s ``meta``; none for a plain state_dict)."""
-    ckpt = read_checkpoint(path, key)
+    """``load_model``, and the file's other entries (``save_model``'s ``meta``; none for a plain state_dict or a
+    foreign file) with ``checkpoint_format``: the format it was read in (``model_cfg.checkpoint_format``, default
+    ``auto``)."""
+    fmt = check(f"{key}_format", model_cfg.get("checkpoint_format", "auto"), CheckpointFormat)
+    obj = read_state(path, key, SAFE_TYPES)
+    fmt = detect_format(obj) if fmt == "auto" else fmt
+    if fmt == "kdrun":
+        ckpt = _as_kdrun(obj, path, key)
+        _check_kdrun_meta(ckpt, path, model_cfg, spec, key)
+        state, meta = ckpt["state_dict"], {k: v for k, v in ckpt.items() if k != "state_dict"}
+    else:
+        state, meta = foreign_state(obj, path, key, fmt), {}
+    model = build_model(model_cfg, spec)
+    rules = getattr(model, "FOREIGN_NAMES", ())
+    plain = fmt == "kdrun" and "state_dict" not in obj
+    names = rename(state, () if fmt == "kdrun" else rules)
+    problems = misfit(model, state, names, lenient=fmt != "kdrun")
+    if problems and plain and model_cfg.get("checkpoint_format", "auto") == "auto":  # a plain state_dict: theirs?
+        theirs = rename(state, rules)
+        if not misfit(model, state, theirs, lenient=True):
+            fmt, names, problems = "repdistiller", theirs, []
+    if problems:
+        raise KdrunError(
+            f"{key}={path} ({fmt} format) does not fit {model_name(model_cfg)} for this dataset: {', '.join(problems)}"
+        )
+    own = model.state_dict()
+    model.load_state_dict({k: state[names[k]] if k in names else own[k] for k in own})
+    return model, {**meta, "checkpoint_format": fmt}
+
+
+def _check_kdrun_meta(ckpt: Mapping[str, Any], path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str):
+    """A kdrun file's recorded model, class count and channel count are the run's."""
     want = model_name(model_cfg)
     saved_cfg = ckpt.get("model_cfg")
     if isinstance(saved_cfg, dict):
@@ -64,27 +194,3 @@ def load_model_with_meta(
     for field, ours in (("num_classes", spec.num_classes), ("in_channels", spec.in_channels)):
         if field in ckpt and int(ckpt[field]) != ours:
             raise KdrunError(f"{key}={path} was trained with {field}={ckpt[field]} but the dataset has {field}={ours}")
-    model = build_model(model_cfg, spec)
-    state = ckpt["state_dict"]
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}"
-                f"{', ...' if len(unexpected) > 3 else ''})"
-            )
-        if shapes:
-            parts.append(f"shape mismatch (checkpoint vs model): {'; '.join(shapes[:3])}")
-        raise KdrunError(f"{key}={path} does not fit {want} for this dataset: {', '.join(parts)}")
-    model.load_state_dict(state)
-    return model, {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -6,12 +6,14 @@ catalogue, every torchvision model and any traceable user model has them (a mode
 ``default_taps(example)`` method):
 
 - ``stages``: where each spatial resolution ends, before the global pooling (a ResNet's ``layer1..3``);
-- ``embedding``: the input of the classifier, the penultimate representation (a ResNet's ``flatten``).
+- ``embedding``: the input of the classifier, the penultimate representation (a ResNet's ``flatten``);
+- ``preact``: the stage outputs before their last ReLU (RepDistiller's ``preact``, which OFD and AB distil),
+  known only for the models that name them in their own ``default_taps`` (the CIFAR zoo).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -20,18 +22,28 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from kdrun.core.errors import KdrunError
 from kdrun.core.modes import eval_mode
 
-TAP_KINDS = ("stages", "middle", "embedding")
+TAP_KINDS = ("stages", "middle", "embedding", "preact")
 
 
 @dataclass(frozen=True)
 class Taps:
-    """A model's default layers: ``stages`` (spatial stage outputs, in order) and ``embedding``."""
+    """A model's default layers: ``stages`` (spatial stage outputs, in order), ``embedding`` and, where the model
+    names them, ``preact`` (the same stages before their last ReLU)."""
 
     stages: list[str]
     embedding: str
+    preact: list[str] = field(default_factory=list)
 
     def of(self, kind: str) -> list[str]:
-        """The default layers for a method: all ``stages``, the ``middle`` stage (FitNet's hint), ``embedding``."""
+        """The default layers for a method: all ``stages``, the ``middle`` stage (FitNet's hint), ``embedding``, or
+        the ``preact`` stages (a one-line ``KdrunError`` for a model that does not name them)."""
+        if kind == "preact":
+            if not self.preact:
+                raise KdrunError(
+                    "this model names no pre-activation taps (see kdrun.models.features): give the layers by name "
+                    "with loss.student_layers / loss.teacher_layers"
+                )
+            return list(self.preact)
         if kind == "embedding" or not self.stages:
             return [self.embedding]
         if kind == "middle":

@@ -24,7 +24,7 @@ from kdrun.models.torchvision_models import STEMS, build_torchvision, torchvisio
 MODELS = Registry("model")
 
 # Keys of a teacher/student node that describe where weights come from, not the architecture.
-ROLE_KEYS = ("checkpoint",)
+ROLE_KEYS = ("checkpoint", "checkpoint_format")
 
 
 def architecture_cfg(cfg: Any) -> dict[str, Any]:

@@ -1,11 +1,18 @@
-"""Wide ResNets (Zagoruyko & Komodakis 2016), pre-activation, CIFAR-style."""
+"""Wide ResNets (Zagoruyko & Komodakis 2016), pre-activation, CIFAR-style.
+
+The same architecture as RepDistiller's ``models/wrn.py`` (and mdistiller's ``models/cifar/wrn.py``), whose files
+nest each stage's blocks in ``blockN.layer``, call the projection ``convShortcut`` and the last BatchNorm ``bn1``:
+``FOREIGN_NAMES`` maps their parameter names onto these.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from kdrun.core.schema import Dropout
 from kdrun.models.cifar_resnet import kaiming_init, make_stages
+from kdrun.models.features import Taps
 from kdrun.models.registry import MODELS
 
 
@@ -30,6 +37,12 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    FOREIGN_NAMES = (  # RepDistiller / mdistiller names -> these (regex, replacement), applied in order
+        (r"^(block\d)\.layer\.", r"\1."),
+        (r"\.convShortcut\.", ".shortcut."),
+        (r"^bn1\.", "bn."),
+    )
+
     def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int, dropout: float = 0.0):
         super().__init__()
         assert (depth - 4) % 6 == 0, depth
@@ -41,10 +54,16 @@ class WideResNet(nn.Module):
         )
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()  # not in place: ``bn`` before it is the last stage's pre-activation tap
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         kaiming_init(self)
+
+    def default_taps(self, example: torch.Tensor) -> Taps:
+        """``block1``, ``block2`` and the activated last stage ``relu`` (what the graph gives, kept for existing runs;
+        RepDistiller's ``feats[3]`` is ``block3``), ``flatten``; ``preact`` as RepDistiller's: the BatchNorm that
+        follows each stage (``block2.0.bn1``, ``block3.0.bn1``, ``bn``)."""
+        return Taps(["block1", "block2", "relu"], "flatten", ["block2.0.bn1", "block3.0.bn1", "bn"])
 
     def forward(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -57,5 +76,6 @@ def _register(name: str, depth: int, widen: int) -> None:
         return WideResNet(depth, widen, num_classes, in_channels, dropout)
 
 
-_register("wrn_16_2", 16, 2)
-_register("wrn_40_2", 40, 2)
+for _depth in (16, 40):
+    for _widen in (1, 2):
+        _register(f"wrn_{_depth}_{_widen}", _depth, _widen)

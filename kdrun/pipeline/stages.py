@@ -116,6 +116,7 @@ def checkpoint_stage(ctx: RunContext, name: str, model_cfg: DictConfig) -> Made:
         "cache_key": None,
         "history_source": replay(ctx.writer, name, history, f"checkpoint {path}"),
         "checkpoint_sha256": file_sha256(Path(path).expanduser()),
+        "checkpoint_format": meta["checkpoint_format"],  # the format it was read in (teacher.checkpoint_format)
         **tested_metrics(teacher, model_cfg, val, test),
     }
 

@@ -23,6 +23,7 @@ CPU = Runtime(torch.device("cpu"))
 FAMILIES = [
     "small_cnn", "lenet5", "mlp",  # kdrun's small students
     "resnet20", "wrn_16_2",  # CIFAR-style ResNet and WRN
+    "resnet18_cifar", "vgg8_cifar", "mobilenet_v2_half", "shufflenet_v1", "shufflenet_v2_cifar",  # the CIFAR zoo
     "resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small",  # torchvision
     "efficientnet_b0", "shufflenet_v2_x1_0",
 ]  # fmt: skip

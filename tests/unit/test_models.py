@@ -12,6 +12,7 @@ from kdrun.core.errors import KdrunError
 from kdrun.core.registry import to_dict
 from kdrun.data import DataSpec
 from kdrun.models import MODELS, build_model, catalogue, count_params
+from kdrun.models.registry import ROLE_KEYS
 
 FOLDER = files("kdrun.models.catalogue")  # one YAML per model option, shared by the teacher and student groups
 CATALOGUE = sorted(p.name[:-5] for p in FOLDER.iterdir() if p.name.endswith(".yaml"))
@@ -35,7 +36,7 @@ def test_teacher_and_student_groups_share_the_catalogue():
             assert loader.get_group_options(group) == CATALOGUE, group
         cfg = compose("config", overrides=["teacher=wrn_16_2", "student=wrn_16_2"])
     for group in ("teacher", "student"):  # the same option in either role is the catalogue's YAML
-        assert {k: v for k, v in to_dict(cfg[group]).items() if k != "checkpoint"} == option("wrn_16_2"), group
+        assert {k: v for k, v in to_dict(cfg[group]).items() if k not in ROLE_KEYS} == option("wrn_16_2"), group
     assert set(MODELS.names()) <= set(CATALOGUE)
 
 
