@@ -173,7 +173,8 @@ def load_model_with_meta(
             fmt, names, problems = "repdistiller", theirs, []
     if problems:
         raise KdrunError(
-            f"{key}={path} ({fmt} format) does not fit {model_name(model_cfg)} for this dataset: {', '.join(problems)}"
+            f"{key}={path} does not fit {model_name(model_cfg)} for this dataset: {', '.join(problems)} "
+            f"(read as a {fmt} file)"
         )
     own = model.state_dict()
     model.load_state_dict({k: state[names[k]] if k in names else own[k] for k in own})

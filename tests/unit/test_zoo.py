@@ -168,7 +168,9 @@ def test_a_plain_state_dict_in_their_names_is_recognised(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x)[0], rtol=1e-4, atol=1e-4)
-    with pytest.raises(KdrunError, match=r"\(kdrun format\) does not fit wrn_40_1 .*missing keys \(block1\.0\.bn1"):
+    with pytest.raises(
+        KdrunError, match=r"does not fit wrn_40_1 .*missing keys \(block1\.0\.bn1.*\(read as a kdrun file\)$"
+    ):
         load_model(tmp_path / "wrn.pth", {"name": "wrn_40_1", "checkpoint_format": "kdrun"}, CIFAR100)
 
 
@@ -185,12 +187,12 @@ def test_another_architecture_names_the_format_and_the_first_keys(tmp_path):
     with pytest.raises(KdrunError) as e:
         load_model(tmp_path / "r56.pth", {"name": "resnet20"}, CIFAR100)
     assert one_line(e).startswith(
-        f"teacher.checkpoint={tmp_path / 'r56.pth'} (repdistiller format) does not fit resnet20"
-    )
+        f"teacher.checkpoint={tmp_path / 'r56.pth'} does not fit resnet20 for this dataset"
+    ) and str(e.value).endswith("(read as a repdistiller file)")
     assert "unexpected keys (layer1.3.conv1.weight, layer1.3.bn1.weight, layer1.3.bn1.bias, ...)" in str(e.value)
     repdistiller_file(tmp_path / "wrn.pth", WideResNet(40, 2))
     with pytest.raises(
-        KdrunError, match=r"\(repdistiller format\) does not fit resnet8x4 .*missing keys \(layer1\.0\.conv1"
+        KdrunError, match=r"does not fit resnet8x4 .*missing keys \(layer1\.0\.conv1.*\(read as a repdistiller file\)$"
     ):
         load_model(tmp_path / "wrn.pth", {"name": "resnet8x4"}, CIFAR100)
 
