@@ -141,21 +141,28 @@ def _first(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def load_model(path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint") -> nn.Module:
+def checkpoint_format(model_cfg: Any) -> str:
+    """The format a teacher node's ``checkpoint`` is read in: its ``checkpoint_format`` (``auto`` if unset)."""
+    return str(model_cfg.get("checkpoint_format", "auto"))
+
+
+def load_model(
+    path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint", fmt: str = "kdrun"
+) -> nn.Module:
     """Build the configured model and load ``path`` into it; another architecture, class or channel count
     than the run's is a one-line error naming both."""
-    return load_model_with_meta(path, model_cfg, spec, key)[0]
+    return load_model_with_meta(path, model_cfg, spec, key, fmt)[0]
 
 
 def load_model_with_meta(
-    path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint"
+    path: str | os.PathLike, model_cfg: Any, spec: DataSpec, key: str = "teacher.checkpoint", fmt: str = "kdrun"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``load_model``, and the file's other entries (``save_model``'s ``meta``; none for a plain state_dict or a
-    foreign file) with ``checkpoint_format``: the format it was read in (``model_cfg.checkpoint_format``, default
-    ``auto``)."""
-    fmt = check(f"{key}_format", model_cfg.get("checkpoint_format", "auto"), CheckpointFormat)
+    foreign file) with ``checkpoint_format``: the format ``fmt`` (one of ``CheckpointFormat``; a user's teacher file
+    is read in ``checkpoint_format(model_cfg)``, kdrun's own files in ``kdrun``) that the file was read in."""
+    requested = check(f"{key}_format", fmt, CheckpointFormat)
     obj = read_state(path, key, SAFE_TYPES)
-    fmt = detect_format(obj) if fmt == "auto" else fmt
+    fmt = detect_format(obj) if requested == "auto" else requested
     if fmt == "kdrun":
         ckpt = _as_kdrun(obj, path, key)
         _check_kdrun_meta(ckpt, path, model_cfg, spec, key)
@@ -164,10 +171,9 @@ def load_model_with_meta(
         state, meta = foreign_state(obj, path, key, fmt), {}
     model = build_model(model_cfg, spec)
     rules = getattr(model, "FOREIGN_NAMES", ())
-    plain = fmt == "kdrun" and "state_dict" not in obj
     names = rename(state, () if fmt == "kdrun" else rules)
     problems = misfit(model, state, names, lenient=fmt != "kdrun")
-    if problems and plain and model_cfg.get("checkpoint_format", "auto") == "auto":  # a plain state_dict: theirs?
+    if problems and requested == "auto" and fmt == "kdrun" and "state_dict" not in obj:  # plain: in their names?
         theirs = rename(state, rules)
         if not misfit(model, state, theirs, lenient=True):
             fmt, names, problems = "repdistiller", theirs, []

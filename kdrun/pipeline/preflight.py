@@ -17,7 +17,7 @@ from kdrun.core.modes import eval_mode
 from kdrun.data import Data, build_data, with_train_subset
 from kdrun.losses import build_objective
 from kdrun.models import build_model, model_name
-from kdrun.models.checkpoint import load_model
+from kdrun.models.checkpoint import checkpoint_format, load_model
 from kdrun.training.optim import build_optimizer, build_scheduler
 
 
@@ -45,12 +45,13 @@ def _model(cfg: DictConfig, role: str, data: Data) -> nn.Module:
     """The model as the run builds it (the teacher from its checkpoint, if any), probed with a batch of 2."""
     node = cfg[role]
     if role == "teacher" and node.get("checkpoint"):
-        model = load_model(node.checkpoint, node, data.spec, key="teacher.checkpoint")
+        model = load_model(node.checkpoint, node, data.spec, key="teacher.checkpoint", fmt=checkpoint_format(node))
     else:
         model = build_model(node, data.spec, key=role)
     for i, member in enumerate(node.get("members") or []):
         if member.get("checkpoint"):
-            load_model(member.checkpoint, member, data.spec, key=f"teacher.members[{i}].checkpoint")
+            key = f"teacher.members[{i}].checkpoint"
+            load_model(member.checkpoint, member, data.spec, key=key, fmt=checkpoint_format(member))
     spec = data.spec
     try:
         with eval_mode(model), torch.no_grad():

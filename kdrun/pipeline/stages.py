@@ -24,7 +24,7 @@ from kdrun.data import Data, labels_of, with_augment, with_train_subset
 from kdrun.data.augment import build_mix
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
-from kdrun.models.checkpoint import load_model, load_model_with_meta, save_model
+from kdrun.models.checkpoint import checkpoint_format, load_model, load_model_with_meta, save_model
 from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
 from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
@@ -105,7 +105,8 @@ def checkpoint_stage(ctx: RunContext, name: str, model_cfg: DictConfig) -> Made:
     """A trained teacher read from ``model_cfg.checkpoint``, tested like a trained one, copied into the run dir
     (with its training curves, when the file has them: they are replayed into this run's TensorBoard)."""
     path = model_cfg.checkpoint
-    teacher, meta = load_model_with_meta(path, model_cfg, ctx.data.spec, key=f"{name}.checkpoint")
+    fmt = checkpoint_format(model_cfg)
+    teacher, meta = load_model_with_meta(path, model_cfg, ctx.data.spec, key=f"{name}.checkpoint", fmt=fmt)
     teacher = teacher.to(ctx.runtime.device)
     history = stored_history(meta, f"{name}.checkpoint={path}")
     log.info("%s %s loaded from %s", name, model_name(model_cfg), path)

@@ -96,7 +96,7 @@ def expected_taps(name: str, feats: list[torch.Tensor], preact: list[torch.Tenso
 def test_a_repdistiller_file_gives_their_logits_and_features(name, tmp_path):
     reference = theirs(name)
     repdistiller_file(tmp_path / "ckpt_epoch_240.pth", reference)
-    model, meta = load_model_with_meta(tmp_path / "ckpt_epoch_240.pth", catalogue.load(name), CIFAR100)
+    model, meta = load_model_with_meta(tmp_path / "ckpt_epoch_240.pth", catalogue.load(name), CIFAR100, fmt="auto")
     assert meta["checkpoint_format"] == "repdistiller"
     model.eval()
     x = torch.randn(3, 3, 32, 32)
@@ -118,9 +118,7 @@ def test_mdistiller_student_files_and_data_parallel_prefixes_load(fmt, tmp_path)
     x = torch.randn(2, 3, 32, 32)
     # mdistiller's trainer: {"model": distiller.module.student.state_dict()}; here saved from a DataParallel model
     torch.save({"model": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "student_best")
-    model, meta = load_model_with_meta(
-        tmp_path / "student_best", {"name": "wrn_16_1", "checkpoint_format": fmt}, CIFAR100
-    )
+    model, meta = load_model_with_meta(tmp_path / "student_best", {"name": "wrn_16_1"}, CIFAR100, fmt=fmt)
     assert meta["checkpoint_format"] == ("repdistiller" if fmt == "auto" else "mdistiller")
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x)[0], rtol=1e-4, atol=1e-4)
@@ -130,9 +128,7 @@ def test_their_last_file_with_its_argparse_options_loads_as_data(tmp_path):
     reference = theirs("resnet20")
     opt = argparse.Namespace(model="resnet20", learning_rate=0.05, lr_decay_epochs=[150, 180, 210])
     repdistiller_file(tmp_path / "resnet20_last.pth", reference, opt=opt)
-    model = load_model(
-        tmp_path / "resnet20_last.pth", {"name": "resnet20", "checkpoint_format": "repdistiller"}, CIFAR100
-    )
+    model = load_model(tmp_path / "resnet20_last.pth", {"name": "resnet20"}, CIFAR100, fmt="repdistiller")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), reference(x)[0], rtol=1e-4, atol=1e-4)
@@ -150,12 +146,12 @@ def test_a_foreign_file_with_code_in_it_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": theirs("resnet8").state_dict(), "opt": _Payload(str(marker))}, tmp_path / "evil.pth")
     with pytest.raises(KdrunError, match=r"refused by torch.load\(weights_only=True\)"):
-        load_model(tmp_path / "evil.pth", {"name": "resnet8", "checkpoint_format": "repdistiller"}, CIFAR100)
+        load_model(tmp_path / "evil.pth", {"name": "resnet8"}, CIFAR100, fmt="repdistiller")
     assert not marker.exists()
     with open(tmp_path / "raw.pkl", "wb") as f:
         pickle.dump({"model": _Payload(str(marker))}, f)
     with pytest.raises(KdrunError, match="teacher.checkpoint="):
-        load_model(tmp_path / "raw.pkl", {"name": "resnet8"}, CIFAR100)
+        load_model(tmp_path / "raw.pkl", {"name": "resnet8"}, CIFAR100, fmt="auto")
     assert not marker.exists()
 
 
@@ -163,7 +159,7 @@ def test_a_plain_state_dict_in_their_names_is_recognised(tmp_path):
     reference = theirs("wrn_40_1")
     state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}  # torch 0.4.0
     torch.save(state, tmp_path / "wrn.pth")
-    model, meta = load_model_with_meta(tmp_path / "wrn.pth", {"name": "wrn_40_1"}, CIFAR100)
+    model, meta = load_model_with_meta(tmp_path / "wrn.pth", {"name": "wrn_40_1"}, CIFAR100, fmt="auto")
     assert meta["checkpoint_format"] == "repdistiller"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -171,7 +167,7 @@ def test_a_plain_state_dict_in_their_names_is_recognised(tmp_path):
     with pytest.raises(
         KdrunError, match=r"does not fit wrn_40_1 .*missing keys \(block1\.0\.bn1.*\(read as a kdrun file\)$"
     ):
-        load_model(tmp_path / "wrn.pth", {"name": "wrn_40_1", "checkpoint_format": "kdrun"}, CIFAR100)
+        load_model(tmp_path / "wrn.pth", {"name": "wrn_40_1"}, CIFAR100, fmt="kdrun")
 
 
 # --- mismatches are one line naming the format and the first keys -------------------------------------------------
@@ -185,7 +181,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 def test_another_architecture_names_the_format_and_the_first_keys(tmp_path):
     repdistiller_file(tmp_path / "r56.pth", ResNet(56, [16, 16, 32, 64]))
     with pytest.raises(KdrunError) as e:
-        load_model(tmp_path / "r56.pth", {"name": "resnet20"}, CIFAR100)
+        load_model(tmp_path / "r56.pth", {"name": "resnet20"}, CIFAR100, fmt="auto")
     assert one_line(e).startswith(
         f"teacher.checkpoint={tmp_path / 'r56.pth'} does not fit resnet20 for this dataset"
     ) and str(e.value).endswith("(read as a repdistiller file)")
@@ -194,27 +190,27 @@ def test_another_architecture_names_the_format_and_the_first_keys(tmp_path):
     with pytest.raises(
         KdrunError, match=r"does not fit resnet8x4 .*missing keys \(layer1\.0\.conv1.*\(read as a repdistiller file\)$"
     ):
-        load_model(tmp_path / "wrn.pth", {"name": "resnet8x4"}, CIFAR100)
+        load_model(tmp_path / "wrn.pth", {"name": "resnet8x4"}, CIFAR100, fmt="auto")
 
 
 def test_another_class_count_is_a_shape_mismatch_in_their_names(tmp_path):
     repdistiller_file(tmp_path / "r8.pth", ResNet(8, [16, 16, 32, 64], num_classes=100))
     with pytest.raises(KdrunError) as e:
-        load_model(tmp_path / "r8.pth", {"name": "resnet8"}, DataSpec(10, 3, 32))
+        load_model(tmp_path / "r8.pth", {"name": "resnet8"}, DataSpec(10, 3, 32), fmt="auto")
     assert "shape mismatch (checkpoint vs model): fc.weight (100, 64) vs fc.weight (10, 64)" in one_line(e)
 
 
 def test_a_named_format_that_does_not_match_the_file_is_one_line(tmp_path):
     repdistiller_file(tmp_path / "r8.pth", ResNet(8, [16, 16, 32, 64]))
     with pytest.raises(KdrunError, match=r"values that are not tensors; it looks like a RepDistiller/mdistiller file"):
-        load_model(tmp_path / "r8.pth", {"name": "resnet8", "checkpoint_format": "kdrun"}, CIFAR100)
+        load_model(tmp_path / "r8.pth", {"name": "resnet8"}, CIFAR100, fmt="kdrun")
     torch.save({"weights": [1, 2], "epoch": 3}, tmp_path / "odd.pth")
     with pytest.raises(KdrunError, match=r"is not a mdistiller file: it has no 'model' state_dict .*keys: weights, ep"):
-        load_model(tmp_path / "odd.pth", {"name": "resnet8", "checkpoint_format": "mdistiller"}, CIFAR100)
+        load_model(tmp_path / "odd.pth", {"name": "resnet8"}, CIFAR100, fmt="mdistiller")
     with pytest.raises(
         KdrunError, match=r"^teacher.checkpoint_format='pickle' is invalid: .*auto, kdrun, repdistiller, mdistiller$"
     ):
-        load_model(tmp_path / "r8.pth", {"name": "resnet8", "checkpoint_format": "pickle"}, CIFAR100)
+        load_model(tmp_path / "r8.pth", {"name": "resnet8"}, CIFAR100, fmt="pickle")
 
 
 def test_a_whole_mdistiller_distiller_is_refused_with_the_file_to_give(tmp_path):
@@ -223,7 +219,7 @@ def test_a_whole_mdistiller_distiller_is_refused_with_the_file_to_give(tmp_path)
     state |= {f"module.teacher.{k}": v for k, v in teacher.state_dict().items()}
     torch.save({"epoch": 240, "model": state, "best_acc": 73.1}, tmp_path / "best")
     with pytest.raises(KdrunError) as e:
-        load_model(tmp_path / "best", {"name": "resnet8"}, CIFAR100)
+        load_model(tmp_path / "best", {"name": "resnet8"}, CIFAR100, fmt="auto")
     assert "(mdistiller format) holds a whole mdistiller distiller" in one_line(e) and "student_best" in str(e.value)
 
 
@@ -272,6 +268,9 @@ def test_a_run_distils_from_a_repdistiller_teacher_file(tmp_path):
             + ["train.student.epochs=1", "report.enabled=false", "cache=off", "train.progress=false"],
         )
     run(cfg, tmp_path / "run")
-    teacher = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    teacher = metrics["teacher"]
     assert teacher["source"] == "checkpoint" and teacher["checkpoint_format"] == "repdistiller"
     assert teacher["params"] == count_params(ResNet(8, [16, 16, 32, 64], num_classes=10))
+    run(cfg, tmp_path / "run")  # resumed: the run dir's own teacher.pt is kdrun's, whatever the teacher file was
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"] == teacher
