@@ -9,6 +9,7 @@ from kdrun.losses import (  # noqa: F401 - registers them
     fitnet,
     kd,
     mse,
+    reviewkd,
     rkd,
     soft_ce,
 )
