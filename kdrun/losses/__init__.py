@@ -2,11 +2,14 @@
 name in ``conf/loss/``."""
 
 from kdrun.losses import (  # noqa: F401 - registers them
+    ab,
     at,
     ce,
     crd,
     dkd,
     fitnet,
+    fsp,
+    ft,
     kd,
     mse,
     reviewkd,

@@ -13,16 +13,19 @@ with KL summed over classes and averaged over the batch ("batchmean"): the ``kd`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.core.registry import Registry
+from kdrun.core.schema import LearningRate, Range
 
 LOSSES = Registry("loss")
 Terms = dict[str, torch.Tensor]
+InitEpochs = Annotated[int, Range(ge=0, le=100_000)]  # an init phase's length (0: none)
+InitLr = LearningRate | None  # its constant learning rate (null: the student's)
 
 
 @dataclass
