@@ -106,6 +106,10 @@ class InitPhase(Objective):
         super().__init__(method.T, method.alpha)
         self.method = method
         self.needs_teacher, self.uses_features = method.needs_teacher, method.uses_features
+        self.uses_index = method.uses_index
+
+    def bind_data(self, labels: torch.Tensor) -> None:
+        self.method.bind_data(labels)
 
     def describe(self) -> str:
         return self.method.describe_init()

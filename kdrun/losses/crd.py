@@ -189,6 +189,10 @@ class CRD(FeatureObjective):
         return {"crd": self.crd_weight}
 
     def build(self, student_shapes, teacher_shapes):
+        if distributed.world_size() > 1:  # checked here too, so that preflight refuses it before any training
+            raise KdrunError(
+                "loss=crd keeps its memory bank on one process; run it without torchrun (one process, one device)"
+            )
         if len(student_shapes) != 1:
             raise KdrunError(
                 f"loss=crd contrasts one embedding per model, not {len(student_shapes)} layers: give one name in "
@@ -199,11 +203,7 @@ class CRD(FeatureObjective):
             self.embed_t = Embed(math.prod(teacher_shapes[0][1:]), self.feat_dim)
 
     def bind_data(self, labels: torch.Tensor) -> None:
-        if distributed.world_size() > 1:
-            raise KdrunError(
-                "loss=crd keeps its memory bank on one process; run it without torchrun (one process, one device)"
-            )
-        if self.memory is None or len(self.memory.labels) != len(labels):
+        if self.memory is None or not torch.equal(self.memory.labels.cpu(), labels.detach().long().cpu()):
             self.memory = ContrastMemory(labels, self.feat_dim, self.nce_k, self.nce_t, self.nce_m)
 
     def describe(self) -> str:

@@ -1,6 +1,7 @@
 """CRD: the NCE loss and the memory bank by hand, the draw of negatives, gradients, and an exact resume of a student
 stage interrupted mid-way (the bank, its Z constants and the negatives' random stream are in the training state)."""
 
+import json
 import math
 import signal
 from dataclasses import replace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import kdrun.training.loop
@@ -17,6 +19,7 @@ from kdrun.data import DataSpec, build_data
 from kdrun.losses import LossInput, build_objective
 from kdrun.losses.crd import ContrastMemory, nce_loss
 from kdrun.models import build_model
+from kdrun.pipeline.run import run
 from kdrun.training.loop import Stage, fit
 from kdrun.training.runtime import Runtime
 from kdrun.training.teacher import OnlineTeacher
@@ -155,3 +158,34 @@ def test_crd_student_stage_resumed_mid_way_equals_the_uninterrupted_one(tmp_path
         assert torch.equal(v, resumed_objective.embed_s.state_dict()[k]), k
     # The bank was trained: Z is set and the entries are unit vectors (the random initial ones are not).
     assert (bank.z > 0).all() and torch.allclose(bank.memory_s.norm(dim=1), torch.ones(len(data.train)))
+
+
+def test_a_run_killed_in_its_crd_student_stage_resumes_to_the_same_metrics_and_weights(tmp_path):
+    # The whole pipeline: the loop gives the bank the student split's labels before the state is resumed.
+    overrides = ["loss=crd", "loss.nce_k=64", "alpha=1.0", "train.teacher.epochs=2", "train.student.epochs=3",
+                 "train.student.batch_size=16", "baseline=false", "report.enabled=false", "cache=off",
+                 "train.progress=false"]  # fmt: skip
+
+    def run_to(run_dir):
+        with initialize_config_module("kdrun.conf", version_base="1.3"):
+            run(compose("config", overrides=overrides), run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    whole = run_to(tmp_path / "whole")
+
+    def stop(at, saved):
+        if "in stage student, epoch 2, step 3" in at:
+            raise Interrupted(f"stopped {at}; {saved}", signal.SIGTERM)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kdrun.training.loop, "check_stop", stop)
+        with pytest.raises(Interrupted, match="its epochs 1-1 are saved in"):
+            run_to(tmp_path / "resumed")
+    resumed = run_to(tmp_path / "resumed")
+    timing = {"train_time_s", "img_per_s", "peak_mem_mb"}
+    assert {k: v for k, v in resumed["student"].items() if k not in timing} == {
+        k: v for k, v in whole["student"].items() if k not in timing
+    }
+    want = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
+    got = torch.load(tmp_path / "resumed" / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, got[k]) for k, v in want.items())
