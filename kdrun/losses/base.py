@@ -13,16 +13,19 @@ with KL summed over classes and averaged over the batch ("batchmean"): the ``kd`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.core.registry import Registry
+from kdrun.core.schema import LearningRate, Range
 
 LOSSES = Registry("loss")
 Terms = dict[str, torch.Tensor]
+InitEpochs = Annotated[int, Range(ge=0, le=100_000)]  # an init phase's length (0: none)
+InitLr = LearningRate | None  # its constant learning rate (null: the student's)
 
 
 @dataclass
@@ -49,8 +52,14 @@ class Objective(nn.Module):
 
     needs_teacher = True
     uses_features = False
+    uses_index = False  # reads ``LossInput.index``: ``bind_data`` is called with the training split's labels first
     student_layers: list[str] = []
     teacher_layers: list[str] = []
+    # A phase of the method's own before distillation (RepDistiller's ``init``, e.g. AB, FT, FSP): the student stage
+    # first trains for ``init_epochs`` epochs on ``init_loss`` (see ``InitPhase``); 0: none.
+    init_epochs = 0
+    init_lr: float | None = None  # that phase's constant learning rate; None: the student's
+    init_trains_student = True  # False: the student's weights (BatchNorm statistics too) are left as they were
 
     def __init__(self, T: float = 4.0, alpha: float = 0.2):
         super().__init__()
@@ -64,10 +73,53 @@ class Objective(nn.Module):
         """Called by the loop at the start of every epoch (1-based), for methods with a warm-up."""
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
-        """Resolve anything that depends on the two models (layers, adapter shapes) before training."""
+        """Resolve anything that depends on the two models (layers, adapter shapes) before training.
+
+        It may be called again on the same models (after an init phase): what it built is then kept."""
+
+    def bind_data(self, labels: torch.Tensor) -> None:
+        """For methods with ``uses_index``: the class of every training sample, indexed as ``LossInput.index``;
+        called before training (before the training state is built or resumed), e.g. to size a memory bank."""
+
+    def init_loss(self, inputs: LossInput) -> tuple[torch.Tensor, Terms]:
+        """The loss of the method's init phase (``init_epochs`` > 0), with its terms unweighted."""
+        raise NotImplementedError
+
+    def describe_init(self) -> str:
+        """One line on what the init phase trains and on which loss."""
+        return f"{type(self).__name__} init phase"
+
+    def init_phase(self) -> Objective:
+        """The init phase as an objective of its own, trained by the same loop as distillation."""
+        return InitPhase(self)
 
     def forward(self, inputs: LossInput) -> tuple[torch.Tensor, Terms]:
         raise NotImplementedError
+
+
+class InitPhase(Objective):
+    """A method's init phase: ``method.init_loss`` with the method as a submodule, so that the parts it trains (a
+    paraphraser, connectors) are the method's own, kept for distillation and saved with the phase's training state.
+    The student's parameters train only where that loss reaches them."""
+
+    def __init__(self, method: Objective):
+        super().__init__(method.T, method.alpha)
+        self.method = method
+        self.needs_teacher, self.uses_features = method.needs_teacher, method.uses_features
+        self.uses_index = method.uses_index
+
+    def bind_data(self, labels: torch.Tensor) -> None:
+        self.method.bind_data(labels)
+
+    def describe(self) -> str:
+        return self.method.describe_init()
+
+    def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
+        self.method.bind(student, teacher, example)
+        self.student_layers, self.teacher_layers = self.method.student_layers, self.method.teacher_layers
+
+    def forward(self, inputs: LossInput) -> tuple[torch.Tensor, Terms]:
+        return self.method.init_loss(inputs)
 
 
 class HardSoft(Objective):

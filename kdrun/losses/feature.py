@@ -52,6 +52,10 @@ class FeatureObjective(Objective):
     def build(self, student_shapes: list[tuple], teacher_shapes: list[tuple]) -> None:
         """Check the tapped shapes and build any learned parts (adapters); called once by ``bind``."""
 
+    def default_layers(self, model: nn.Module, example: torch.Tensor, role: str) -> list[str]:
+        """The layers tapped where ``loss.<role>_layers`` is null: the model's default taps of ``tap_kind``."""
+        return default_taps(model, example).of(self.tap_kind)
+
     def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
         """Resolve the layers of both models (defaults where not given), check them, and build the adapters.
 
@@ -64,7 +68,7 @@ class FeatureObjective(Objective):
             ("teacher", teacher, self.requested[1]),
         ):
             if requested is None:
-                layers.append(default_taps(model, example).of(self.tap_kind))
+                layers.append(self.default_layers(model, example, role))
             else:
                 check_layers(model, requested, role, f"loss.{role}_layers")
                 layers.append(requested)

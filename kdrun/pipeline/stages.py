@@ -7,13 +7,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core import distributed
 from kdrun.core.errors import KdrunError
@@ -29,7 +29,7 @@ from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
 from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.health import Chance, advice, assess
-from kdrun.training.loop import Stage, fit
+from kdrun.training.loop import FitResult, Stage, fit
 from kdrun.training.predict import evaluate, predict, with_state
 from kdrun.training.runtime import Runtime
 from kdrun.training.teacher import CachedLogits, OnlineTeacher, TeacherSource
@@ -338,7 +338,7 @@ def train_stage(
         state_path=state_path(ctx.run_dir, name),
         writer=ctx.writer,
     )
-    result = fit(plan, model, objective, data, teacher, ctx.runtime)
+    result, init = fit_with_init(ctx, plan, model, objective, teacher, data)
     best = with_state(result.model, result.best_state)
     eval_batch = cfg.train.eval_batch_size
     last_test = evaluate(result.model, data.test, data, ctx.runtime, eval_batch)
@@ -364,6 +364,51 @@ def train_stage(
         "peak_mem_mb": result.peak_mem_mb,
         "nonfinite_steps": result.nonfinite_steps,
         **health_flags(name, result.history, result.nonfinite_steps, data),
+        **init,
+    }
+
+
+def fit_with_init(
+    ctx: RunContext, plan: Stage, model: nn.Module, objective: Objective, teacher: TeacherSource, data: Data
+) -> tuple[FitResult, dict[str, Any]]:
+    """``fit``, after the method's init phase if it has one; with that phase's metrics.json entry (or none)."""
+    init = init_phase(ctx, plan, model, objective, teacher, data) if objective.init_epochs > 0 else {}
+    result = fit(plan, model, objective, data, teacher, ctx.runtime)
+    if init and distributed.is_main():
+        state_path(ctx.run_dir, f"{plan.name}_init").unlink(missing_ok=True)  # kept until now for a resume
+    return result, init
+
+
+def init_phase(
+    ctx: RunContext, plan: Stage, model: nn.Module, objective: Objective, teacher: TeacherSource, data: Data
+) -> dict[str, Any]:
+    """The method's init phase (``objective.init_epochs`` > 0, e.g. AB, FT, FSP), run on ``model`` before
+    distillation: the same loop, data and optimizer kind at a constant learning rate, logged as ``<stage>/init``
+    (TensorBoard ``student/init/train/...``), resumable from its own state file. Returns its metrics.json entry."""
+    phase = objective.init_phase()
+    lr = plan.lr if objective.init_lr is None else float(objective.init_lr)
+    stage = replace(
+        plan,
+        name=f"{plan.name}/init",
+        epochs=int(objective.init_epochs),
+        lr=lr,
+        sched=OmegaConf.create({"name": "none"}),
+        state_path=state_path(ctx.run_dir, f"{plan.name}_init"),
+    )
+    log.info("%s: init phase, %d epochs at lr %g: %s", plan.name, stage.epochs, lr, phase.describe())
+    kept = None if objective.init_trains_student else {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(stage, model, phase, data, teacher, ctx.runtime)
+    if kept is not None:  # the phase trains the method's parts alone: the student as built, BatchNorm statistics too
+        model.load_state_dict(kept)
+    last = result.history[-1]
+    return {
+        "init_phase": {
+            "epochs": stage.epochs,
+            "lr": lr,
+            "trains_student": objective.init_trains_student,
+            "train_loss": last["train/loss"],
+            "train_time_s": result.train_time_s,
+        }
     }
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from kdrun.core import distributed
 from kdrun.core.errors import KdrunError
 from kdrun.core.signals import check_stop
-from kdrun.data import Data
+from kdrun.data import Data, labels_of
 from kdrun.data.augment import hard_labels
 from kdrun.losses import LossInput, Objective
 from kdrun.models.features import FeatureTap
@@ -94,6 +94,8 @@ class Trainer:
         self, stage: Stage, model: nn.Module, objective: Objective, data: Data, teacher: TeacherSource, runtime: Runtime
     ):
         self.stage, self.data, self.teacher, self.runtime = stage, data, teacher, runtime
+        if objective.uses_index:  # a per-sample memory (CRD's bank) is sized and labelled before the state is built
+            objective.bind_data(labels_of(data.train))
         net = teacher.attach(runtime.prepare(model), objective, data, runtime, mixes=stage.mix is not None)
         self.st = _new_state(stage, model, objective, data, runtime)
         if stage.state_path is not None and self.st.load(stage.state_path, stage.epochs):
