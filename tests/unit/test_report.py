@@ -162,3 +162,25 @@ def test_a_failing_export_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KdrunError, match=r"export=pt2 failed \(RuntimeError: unsupported operator aten::frobnicate\)"):
         export_student(model, torch.randn(2, 1, 4, 4), tmp_path, ["pt2"])
     assert os.listdir(tmp_path) == []
+
+
+def test_the_confusion_figure_is_scikit_learns_display_of_row_fractions():
+    from kdrun.reporting.figures import close, confusion_figure
+
+    matrix = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 never occurs: its row stays empty
+    fig = confusion_figure(matrix, "student")
+    ax = fig.axes[0]
+    image = ax.get_images()[0].get_array()
+    assert image.tolist() == [[0.75, 0.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]  # exact in binary
+    shown = {t.get_text() for t in ax.texts if t.get_visible()}
+    assert shown == {"0.75", "0.25", "1.00"}  # empty cells are left blank
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    assert fig.axes[1].get_ylabel() == "fraction of the true class"  # the colour bar
+    close(fig)
+    many = torch.diag(torch.arange(1, 101))
+    fig = confusion_figure(many, "100 classes")
+    ax = fig.axes[0]
+    assert not [t for t in ax.texts if t.get_visible()]  # 10,000 cells: colours only
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(0, 100, 5)]
+    close(fig)
