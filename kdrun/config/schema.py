@@ -66,7 +66,9 @@ RUN: dict[str, Any] = {
     "train.progress": Switch,
     "report.enabled": bool,
     "report.ece_bins": Annotated[int, Range(ge=1, le=1000)],
-    "report.latency_repeats": Annotated[int, Range(ge=1, le=100_000)],
+    "report.latency_repeats": Annotated[int, Range(ge=1, le=100_000)],  # measurements at batch 1 (at least 4)
+    "report.min_run_time": Annotated[float, Range(gt=0, le=3600)],  # seconds timed per model and batch size
+    "report.timing_threads": Annotated[int, Range(ge=1, le=4096)] | None,
     "report.warmup": Annotated[int, Range(ge=0, le=100_000)],
     "report.throughput_batch": Annotated[int, Range(ge=1, le=65_536)],
     "export": list[Format] | Format,

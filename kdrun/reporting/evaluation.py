@@ -6,14 +6,15 @@ KL(teacher || student) at T=1, next to accuracy, which alone hides how closely a
 
 from __future__ import annotations
 
-import statistics
-import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -26,6 +27,8 @@ from kdrun.data import Data, DataSpec, Split
 from kdrun.models import count_params
 from kdrun.training.predict import predict
 from kdrun.training.runtime import Runtime
+
+QUARTILES = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
 
 
 def prediction_metrics(
@@ -80,40 +83,78 @@ def flops_per_image(model: nn.Module, spec: DataSpec) -> int:
     return int(counter.get_total_flops())
 
 
-def timed_forward(
-    model: nn.Module, spec: DataSpec, runtime: Runtime, batch_size: int, repeats: int, warmup: int
-) -> list[float]:
-    """Wall times (s) of ``repeats`` forward passes on a batch of ``batch_size`` after ``warmup`` untimed ones, in
-    eval mode with the run's device, AMP, memory format and compile settings."""
+MIN_FOR_IQR = 4  # the fewest measurements an interquartile range is read from (torch's Measurement shows none below)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How forward passes are timed: ``warmup`` untimed passes, then ``torch.utils.benchmark``'s
+    ``blocked_autorange`` for at least ``min_run_time`` seconds and ``min_measurements`` measurements (each the mean
+    time of a block of passes whose size the library picks), on ``threads`` CPU threads (None: torch's count)."""
+
+    warmup: int = 10
+    min_run_time: float = 0.2
+    min_measurements: int = MIN_FOR_IQR
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> Timing:
+        """Batch-1 timing from the run's ``report`` settings (an older run's config may lack the newer keys)."""
+        threads = cfg.get("timing_threads")
+        return cls(
+            warmup=int(cfg.warmup),
+            min_run_time=float(cfg.get("min_run_time", cls.min_run_time)),
+            min_measurements=max(MIN_FOR_IQR, int(cfg.latency_repeats)),
+            threads=None if threads is None else int(threads),
+        )
+
+
+def time_forward(model: nn.Module, spec: DataSpec, runtime: Runtime, batch_size: int, timing: Timing) -> Measurement:
+    """Forward passes on a batch of ``batch_size`` timed by ``torch.utils.benchmark.Timer`` (which synchronises the
+    accelerator), in eval mode with the run's device, AMP, memory format and compile settings: the library's
+    ``Measurement`` (``times`` per pass, one per measurement; ``median`` and ``iqr`` in seconds)."""
     forward = runtime.forward(runtime.prepare(model))
     x = runtime.inputs(
         torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, device=runtime.device)
     )
-    times = []
-    with eval_mode(model), torch.inference_mode(), runtime.autocast():
-        for i in range(warmup + repeats):
-            _sync(runtime.device)
-            start = time.perf_counter()
+    timer = Timer(
+        "forward(x)", globals={"forward": forward, "x": x}, num_threads=timing.threads or torch.get_num_threads()
+    )
+    on_device = torch.cuda.device(runtime.device) if runtime.device.type == "cuda" else nullcontext()
+    with eval_mode(model), torch.inference_mode(), runtime.autocast(), on_device:  # the timer syncs the current GPU
+        for _ in range(timing.warmup):  # lazy initialisation, compilation, autotuning: not in the numbers
             forward(x)
-            _sync(runtime.device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
+        measurement = timer.blocked_autorange(min_run_time=timing.min_run_time)
+        while len(measurement.times) < timing.min_measurements:  # a slow model: a few passes fill the time
+            missing = (timing.min_measurements - len(measurement.times)) * measurement.median
+            more = timer.blocked_autorange(min_run_time=missing)
+            measurement = Measurement.merge([measurement, more])[0]
+    return measurement
 
 
 def cost_metrics(
     model: nn.Module, spec: DataSpec, runtime: Runtime, checkpoint: Path | None, cfg: Any
 ) -> dict[str, Any]:
-    """Parameters, FLOPs per image, checkpoint size, median batch-1 latency and throughput at a large batch."""
-    latency = timed_forward(model, spec, runtime, 1, int(cfg.latency_repeats), int(cfg.warmup))
-    batch = int(cfg.throughput_batch)
-    big = timed_forward(model, spec, runtime, batch, max(3, int(cfg.latency_repeats) // 10), 1)
+    """Parameters, FLOPs per image, checkpoint size, and batch-1 latency and throughput at a large batch: medians
+    and interquartile ranges over the measurements, their counts, and the CPU threads they ran on."""
+    timing, batch = Timing.of(cfg), int(cfg.throughput_batch)
+    latency = time_forward(model, spec, runtime, 1, timing)
+    # One untimed pass warms the large batch (and the block-size search of the library warms it further).
+    big = time_forward(
+        model, spec, runtime, batch, replace(timing, warmup=min(timing.warmup, 1), min_measurements=MIN_FOR_IQR)
+    )
+    q1, median, q3 = torch.tensor([batch / t for t in big.times], dtype=torch.float64).quantile(QUARTILES).tolist()
     return {
         "params": count_params(model),
         "flops": flops_per_image(model, spec),
         "size_mb": checkpoint.stat().st_size / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
-        "latency_ms_b1": 1000 * statistics.median(latency),
-        f"throughput_b{batch}": batch / statistics.median(big),
+        "latency_ms_b1": 1000 * latency.median,
+        "latency_ms_b1_iqr": 1000 * latency.iqr,
+        "latency_ms_b1_n": len(latency.times),
+        f"throughput_b{batch}": median,
+        f"throughput_b{batch}_iqr": q3 - q1,
+        f"throughput_b{batch}_n": len(big.times),
+        "timing_threads": latency.task_spec.num_threads,
     }
 
 
@@ -163,8 +204,3 @@ def ratios(teacher: dict[str, Any], student: dict[str, Any], batch: int) -> dict
         "speedup_latency_b1": ratio(teacher["latency_ms_b1"], student["latency_ms_b1"]),
         f"speedup_throughput_b{batch}": ratio(student[throughput], teacher[throughput]),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -1,7 +1,8 @@
-"""The report's figures: a reliability diagram and a confusion matrix (matplotlib, no display needed)."""
+"""The report's figures: a reliability diagram (matplotlib) and a confusion matrix (scikit-learn), no display needed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from kdrun.core.io import atomic_write  # noqa: E402
 
@@ -37,23 +39,35 @@ def reliability_diagram(bins: dict[str, list[float]], ece: float, title: str) ->
     return fig
 
 
+VALUES_UP_TO = 20  # classes up to which each cell's value is written; beyond, colours and every n-th tick only
+
+
 def confusion_figure(matrix: torch.Tensor, title: str) -> Figure:
-    """Rows: true class, columns: predicted class, coloured by the row's fraction; counts written in small grids."""
-    counts = matrix.float()
-    fractions = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    """scikit-learn's ``ConfusionMatrixDisplay`` of ``matrix`` (counts, [true class, predicted class]), each cell the
+    fraction of its true class (so that rare classes read as well as common ones); empty cells left blank."""
+    counts = matrix.double()
+    fractions = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
     k = matrix.shape[0]
     size = min(12.0, 2.5 + 0.45 * k)
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)
-    image = ax.imshow(fractions.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if k <= 20:
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
-        for i in range(k):
-            for j in range(k):
-                if counts[i, j] > 0:
-                    color = "white" if fractions[i, j] > 0.5 else "black"
-                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7, color=color)
+    display = ConfusionMatrixDisplay(fractions, display_labels=list(range(k)))
+    display.plot(
+        ax=ax,
+        cmap="Blues",
+        include_values=k <= VALUES_UP_TO,
+        values_format=".2f",
+        colorbar=False,  # drawn below, as tall as the matrix
+        im_kw={"vmin": 0, "vmax": 1},
+        text_kw={"fontsize": 8 if k <= 10 else 7},
+    )
+    if display.text_ is not None:
+        for text, count in zip(display.text_.flat, counts.flatten().tolist(), strict=True):
+            text.set_visible(count > 0)
+    if k > VALUES_UP_TO:
+        ticks = list(range(0, k, math.ceil(k / VALUES_UP_TO)))
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.set_yticks(ticks, labels=[str(t) for t in ticks])
+    fig.colorbar(display.im_, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.tight_layout()
     return fig

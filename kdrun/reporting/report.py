@@ -178,8 +178,8 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
         ("parameters", "params", _count),
         ("FLOPs per image", "flops", _count),
         ("checkpoint size (MiB)", "size_mb", lambda x: _num(x, ".2f")),
-        ("latency, batch 1 (ms, median)", "latency_ms_b1", lambda x: _num(x, ".2f")),
-        (f"throughput, batch {batch} (img/s)", f"throughput_b{batch}", lambda x: _num(x, ",.0f")),
+        ("latency, batch 1 (ms, median [IQR])", "latency_ms_b1", lambda x: _num(x, ".2f")),
+        (f"throughput, batch {batch} (img/s, median [IQR])", f"throughput_b{batch}", lambda x: _num(x, ",.0f")),
     ]
     models = {"teacher": config["teacher"], "baseline": config["student"], "student": config["student"]}
     lines = [
@@ -193,10 +193,12 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
         "|---|" + "---|" * len(stages),
     ]
     for label, key, show in rows:
-        lines.append(f"| {label} | " + " | ".join(show(evaluation[s].get(key)) for s in stages) + " |")
+        shown = [show(evaluation[s].get(key)) + _spread(evaluation[s].get(f"{key}_iqr"), show) for s in stages]
+        lines.append(f"| {label} | " + " | ".join(shown) + " |")
     if any(metrics.get(s) for s in stages):  # absent in a kdrun-eval report
         cells = " | ".join(_pct_ci(metrics.get(s)) for s in stages)
         lines.append(f"| test accuracy, last epoch [95% CI] | {cells} |")
+    lines += _timing_lines(evaluation, stages, batch)
     ratios = evaluation.get("student_vs_teacher")
     if ratios:
         lines += [
@@ -222,6 +224,27 @@ def report_markdown(metrics: dict[str, Any], figures: dict[str, str] | None = No
         for fmt, e in metrics["export"].items():
             lines.append(f"| {fmt} | {e['path']} | {e['max_abs_diff']:.2e} | {e['checked_with']} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(iqr: float | None, show) -> str:
+    """`` [IQR x]`` after a timed median; nothing for numbers that are not timed (or an older report)."""
+    return "" if iqr is None else f" [{show(iqr)}]"
+
+
+def _timing_lines(evaluation: dict[str, Any], stages: list[str], batch: int) -> list[str]:
+    """How the timings were taken: the library, the threads and the number of measurements behind each median."""
+    first = evaluation[stages[0]]
+    if "timing_threads" not in first:
+        return []
+    counts = ", ".join(
+        f"{s} {evaluation[s]['latency_ms_b1_n']} / {evaluation[s][f'throughput_b{batch}_n']}" for s in stages
+    )
+    return [
+        "",
+        f"Timings by `torch.utils.benchmark` (`blocked_autorange`) on {first['timing_threads']} CPU thread(s): the "
+        "median and, in brackets, the interquartile range over measurements, each the mean time of a block of "
+        f"forward passes (measurements at batch 1 / batch {batch}: {counts}). A wide IQR means a noisy machine.",
+    ]
 
 
 def _gain_lines(metrics: dict[str, Any]) -> list[str]:

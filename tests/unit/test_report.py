@@ -2,6 +2,7 @@
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -12,18 +13,21 @@ from kdrun.core.errors import KdrunError
 from kdrun.data import DataSpec
 from kdrun.models import build_model
 from kdrun.reporting.evaluation import (
+    Timing,
     cost_metrics,
     flops_per_image,
     prediction_metrics,
     ratios,
     reliability_bins,
-    timed_forward,
+    time_forward,
 )
 from kdrun.reporting.export import check_formats, export_student
 from kdrun.training.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), "off")
-COST = OmegaConf.create({"latency_repeats": 4, "warmup": 2, "throughput_batch": 8})
+COST = OmegaConf.create(
+    {"latency_repeats": 5, "warmup": 2, "throughput_batch": 8, "min_run_time": 0.01, "timing_threads": 1}
+)
 
 
 def logits_of(probs):
@@ -69,16 +73,42 @@ def test_flops_of_a_model_counted_by_hand():
     assert flops_per_image(model, DataSpec(3, 1, 4)) == 2 * (288 + 96)
 
 
-def test_latency_plumbing_times_the_repeats_after_the_warmup():
+def test_timing_is_torch_benchmark_measurements_after_the_warmup():
     model = build_model({"name": "mlp", "hidden": [8]}, DataSpec(3, 1, 4)).train()
     calls = []
     model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-    times = timed_forward(model, DataSpec(3, 1, 4), CPU, batch_size=5, repeats=7, warmup=3)
-    assert len(times) == 7 and all(t > 0 for t in times)
-    assert calls == [5] * 10 and model.training  # warm-up + timed calls, and the mode is restored
+    threads = torch.get_num_threads()
+    measurement = time_forward(model, DataSpec(3, 1, 4), CPU, 5, Timing(warmup=3, min_run_time=0.01, threads=1))
+    assert calls[:3] == [5, 5, 5] and set(calls) == {5} and model.training  # the mode is restored
+    timed = measurement.number_per_run * len(measurement.times)
+    assert len(calls) > 3 + timed  # the warm-up, the library's block-size search, then the timed blocks
+    assert len(measurement.times) >= 4 and all(t > 0 for t in measurement.times)
+    assert measurement.task_spec.num_threads == 1 and torch.get_num_threads() == threads  # stated, then restored
+    assert 0 <= measurement.iqr < max(measurement.times) and min(measurement.times) <= measurement.median
+
+
+def test_a_slow_model_still_gets_the_measurements_an_iqr_needs():
+    class Slow(nn.Module):  # each pass sleeps 20 ms: a 10 ms budget holds a single pass
+        def forward(self, x):
+            time.sleep(0.02)
+            return x.flatten(1)[:, :3]
+
+    measurement = time_forward(
+        Slow(), DataSpec(3, 1, 4), CPU, 1, Timing(warmup=0, min_run_time=0.01, min_measurements=6)
+    )
+    assert measurement.number_per_run == 1 and 6 <= len(measurement.times) < 10  # merged into per-pass times
+    assert all(t >= 0.02 for t in measurement.times)
+
+
+def test_cost_metrics_report_medians_iqrs_and_threads():
+    model = build_model({"name": "mlp", "hidden": [8]}, DataSpec(3, 1, 4))
     cost = cost_metrics(model, DataSpec(3, 1, 4), CPU, None, COST)
     assert cost["latency_ms_b1"] > 0 and cost["throughput_b8"] > 0 and cost["size_mb"] is None
+    assert cost["latency_ms_b1_iqr"] >= 0 and cost["throughput_b8_iqr"] >= 0 and cost["timing_threads"] == 1
+    assert cost["latency_ms_b1_n"] >= 5 and cost["throughput_b8_n"] >= 4  # latency_repeats=5; 4 at the large batch
     assert cost["params"] == sum(p.numel() for p in model.parameters())
+    old_run = OmegaConf.create({"latency_repeats": 1, "warmup": 0, "throughput_batch": 2})  # before min_run_time
+    assert Timing.of(old_run) == Timing(warmup=0, min_run_time=0.2, min_measurements=4, threads=None)
 
 
 def test_ratios_say_how_much_cheaper_the_student_is():
@@ -132,3 +162,25 @@ def test_a_failing_export_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KdrunError, match=r"export=pt2 failed \(RuntimeError: unsupported operator aten::frobnicate\)"):
         export_student(model, torch.randn(2, 1, 4, 4), tmp_path, ["pt2"])
     assert os.listdir(tmp_path) == []
+
+
+def test_the_confusion_figure_is_scikit_learns_display_of_row_fractions():
+    from kdrun.reporting.figures import close, confusion_figure
+
+    matrix = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 never occurs: its row stays empty
+    fig = confusion_figure(matrix, "student")
+    ax = fig.axes[0]
+    image = ax.get_images()[0].get_array()
+    assert image.tolist() == [[0.75, 0.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]  # exact in binary
+    shown = {t.get_text() for t in ax.texts if t.get_visible()}
+    assert shown == {"0.75", "0.25", "1.00"}  # empty cells are left blank
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    assert fig.axes[1].get_ylabel() == "fraction of the true class"  # the colour bar
+    close(fig)
+    many = torch.diag(torch.arange(1, 101))
+    fig = confusion_figure(many, "100 classes")
+    ax = fig.axes[0]
+    assert not [t for t in ax.texts if t.get_visible()]  # 10,000 cells: colours only
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(0, 100, 5)]
+    close(fig)
