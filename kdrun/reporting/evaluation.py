@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import (
 from kdrun.core.modes import eval_mode
 from kdrun.data import Data, DataSpec, Split
 from kdrun.models import count_params
+from kdrun.models.checkpoint import find_model_file
 from kdrun.training.predict import predict
 from kdrun.training.runtime import Runtime
 
@@ -142,7 +143,7 @@ def evaluate_models(
         logits, labels = outputs[stage]
         report[stage] = {
             **prediction_metrics(logits, labels, teacher_logits, int(cfg.ece_bins)),
-            **cost_metrics(model, data.spec, runtime, run_dir / f"{stage}.pt", cfg),
+            **cost_metrics(model, data.spec, runtime, find_model_file(run_dir, stage), cfg),
         }
     if "teacher" in report and "student" in report:
         report["student_vs_teacher"] = ratios(report["teacher"], report["student"], int(cfg.throughput_batch))
