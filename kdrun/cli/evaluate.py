@@ -17,7 +17,7 @@ from kdrun.models.checkpoint import find_model_file, load_model
 from kdrun.pipeline.run import run_config
 from kdrun.reporting.evaluation import evaluate_models
 from kdrun.reporting.report import write_report
-from kdrun.training.runtime import AMP_CHOICES, resolve_runtime
+from kdrun.training.runtime import AMP_CHOICES, Runtime, determinism_errors, resolve_runtime
 
 log = logging.getLogger("kdrun.eval")
 
@@ -35,19 +35,32 @@ def evaluate_run(
     if data_root is not None:
         cfg.dataset.root = data_root
     files = {s: find_model_file(run_dir, s) for s in ("teacher", "baseline", "student")}
-    stages = [s for s, path in files.items() if path.is_file()]
-    if "student" not in stages:
+    if not files["student"].is_file():
         raise KdrunError(
             f"{run_dir} has no student.safetensors (nor student.pt): the run did not finish "
             f"(resume it with kdrun resume={run_dir})"
         )
     runtime = resolve_runtime(
-        device, amp or cfg.amp, False, cfg.get("channels_last", "auto"), cfg.get("compile", False)
+        device,
+        amp or cfg.amp,
+        progress=False,
+        channels_last=cfg.get("channels_last", "auto"),
+        compile=cfg.get("compile", False),
+        deterministic=cfg.get("deterministic", False),  # absent from the runs of earlier kdrun versions
     )
+    with determinism_errors(runtime.deterministic):
+        return _evaluate(run_dir, cfg, files, split, runtime, out)
+
+
+def _evaluate(
+    run_dir: Path, cfg: DictConfig, files: dict[str, Path], split: str, runtime: Runtime, out: Path | None
+) -> Path:
+    """``evaluate_run`` once the run's config, model files and runtime are known."""
     data = build_data(cfg.dataset, runtime.device)
     models = {
-        stage: load_model(files[stage], cfg.teacher if stage == "teacher" else cfg.student, data.spec, key=stage)
-        for stage in stages
+        stage: load_model(path, cfg.teacher if stage == "teacher" else cfg.student, data.spec, key=stage)
+        for stage, path in files.items()
+        if path.is_file()
     }
     evaluation, outputs = evaluate_models(models, data, split, runtime, run_dir, cfg)
     metrics_file = run_dir / "metrics.json"

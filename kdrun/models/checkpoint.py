@@ -40,6 +40,16 @@ def find_model_file(folder: str | os.PathLike, stage: str) -> Path:
     return legacy if not path.is_file() and legacy.is_file() else path
 
 
+def weights_size(path: str | os.PathLike) -> int:
+    """The bytes of a model file's weights: its tensor data, without the header (whose metadata, e.g. the history's
+    timings, varies in length from run to run); the whole file for a ``torch.save`` file."""
+    size = os.path.getsize(path)
+    if not is_safetensors(path):
+        return size
+    with open(path, "rb") as f:
+        return size - 8 - int.from_bytes(f.read(8), "little")
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: DataSpec, **meta: Any) -> None:
     """Write ``{"state_dict", "model_cfg", "num_classes", "in_channels", ...}``: enough to rebuild the model.
     ``meta`` holds JSON values (numbers, strings, lists, dicts)."""

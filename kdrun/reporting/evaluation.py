@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import (
 from kdrun.core.modes import eval_mode
 from kdrun.data import Data, DataSpec, Split
 from kdrun.models import count_params
-from kdrun.models.checkpoint import find_model_file
+from kdrun.models.checkpoint import find_model_file, weights_size
 from kdrun.training.predict import predict
 from kdrun.training.runtime import Runtime
 
@@ -105,14 +105,15 @@ def timed_forward(
 def cost_metrics(
     model: nn.Module, spec: DataSpec, runtime: Runtime, checkpoint: Path | None, cfg: Any
 ) -> dict[str, Any]:
-    """Parameters, FLOPs per image, checkpoint size, median batch-1 latency and throughput at a large batch."""
+    """Parameters, FLOPs per image, the checkpoint's weights on disk, median batch-1 latency and throughput at a
+    large batch."""
     latency = timed_forward(model, spec, runtime, 1, int(cfg.latency_repeats), int(cfg.warmup))
     batch = int(cfg.throughput_batch)
     big = timed_forward(model, spec, runtime, batch, max(3, int(cfg.latency_repeats) // 10), 1)
     return {
         "params": count_params(model),
         "flops": flops_per_image(model, spec),
-        "size_mb": checkpoint.stat().st_size / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
+        "size_mb": weights_size(checkpoint) / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
         "latency_ms_b1": 1000 * statistics.median(latency),
         f"throughput_b{batch}": batch / statistics.median(big),
     }

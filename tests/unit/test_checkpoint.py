@@ -15,7 +15,14 @@ from kdrun.core.errors import KdrunError
 from kdrun.core.io import atomic_save
 from kdrun.data import DataSpec
 from kdrun.models import build_model
-from kdrun.models.checkpoint import find_model_file, load_model, read_checkpoint, save_model, write_checkpoint
+from kdrun.models.checkpoint import (
+    find_model_file,
+    load_model,
+    read_checkpoint,
+    save_model,
+    weights_size,
+    write_checkpoint,
+)
 
 SPEC = DataSpec(num_classes=10, in_channels=1, image_size=8)
 CNN = {"name": "small_cnn", "channels": [16, 32], "hidden": 128, "dropout": 0.1}
@@ -67,6 +74,18 @@ def test_the_same_model_and_metadata_give_the_same_bytes(tmp_path):
     save_model(tmp_path / "a.safetensors", model, CNN, SPEC, history=[{**r} for r in rows])
     save_model(tmp_path / "b.safetensors", model, CNN, SPEC, history=json.loads(json.dumps(rows)))
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_the_weights_size_is_the_tensor_data_whatever_the_metadata(tmp_path):
+    model = build_model(CNN, SPEC)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    save_model(tmp_path / "short.safetensors", model, CNN, SPEC, history=[{"epoch": 1, "img_per_s": 1.5}])
+    save_model(tmp_path / "long.safetensors", model, CNN, SPEC, history=[{"epoch": 1, "img_per_s": 1234.56789}])
+    sizes = [os.path.getsize(tmp_path / f"{n}.safetensors") for n in ("short", "long")]
+    assert sizes[0] != sizes[1]  # a timing in the history: the header's length varies from run to run
+    assert weights_size(tmp_path / "short.safetensors") == weights_size(tmp_path / "long.safetensors") == nbytes
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "old.pt")
+    assert weights_size(tmp_path / "old.pt") == os.path.getsize(tmp_path / "old.pt")
 
 
 def test_earlier_kdrun_files_and_plain_state_dicts_still_load(tmp_path):
