@@ -4,7 +4,7 @@
     python scripts/born_again.py --generations 3 -- dataset=mnist dataset.root=../shared/data
 
 Every generation is a real `kdrun experiment=born_again` run in <out>/gen<k>; from the second one on, the
-teacher is the previous generation's student.pt (its best-validation weights). Prints one row per generation
+teacher is the previous generation's student.safetensors (its best-validation weights). Prints one row per generation
 and writes the same table to <out>/generations.md.
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
             f"{100 * metrics['student']['test_acc_best']:.2f}% | "
             f"{'-' if gain is None else f'{100 * gain:+.2f}'} |"
         )
-        teacher = run_dir / "student.pt"
+        teacher = run_dir / "student.safetensors"
     table = "\n".join(rows) + "\n"
     (args.out / "generations.md").write_text(table)
     print("\n" + table)

@@ -53,6 +53,7 @@ RUN: dict[str, Any] = {
     "amp": Literal[AMP_CHOICES],
     "channels_last": Switch,
     "compile": bool,
+    "deterministic": bool,
     "baseline": bool,
     **{f"train.{stage}.epochs": Epochs for stage in ("teacher", "student")},
     **{f"train.{stage}.batch_size": Size for stage in ("teacher", "student")},

@@ -1,4 +1,8 @@
-"""Files written whole or not at all (temp file, fsync, rename, fsync of the folder), and safe reads."""
+"""Files written whole or not at all (temp file, fsync, rename, fsync of the folder), and safe reads.
+
+Tensors that outlive a run (model files, cached teacher logits) are safetensors files: reading one never unpickles.
+The training states of a stage in progress are ``torch.save`` files, read back with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError, safe_open
 
 from kdrun.core.errors import KdrunError
 
@@ -61,6 +67,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """A safetensors file of ``tensors`` (CPU copies, so that none shares memory) and ``metadata``, atomically."""
+    own = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    blob = safetensors.torch.save(own, metadata)
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte header length, then the JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def read_tensors(path: str | os.PathLike, key: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the header metadata of a safetensors file (no code runs); failures are one line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KdrunError(f"{key}={path}: no such file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdrunError(
+            f"{key}={path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}"
+        ) from e
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented, one trailing newline) atomically."""
     text = (json.dumps(obj, indent=2) + "\n").encode()
@@ -83,19 +117,22 @@ def read_state(path: str | os.PathLike, key: str = "checkpoint", safe_types: Seq
         with torch.serialization.safe_globals(list(safe_types)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise KdrunError(
             f"{key}={path} was refused by torch.load(weights_only=True): it holds Python objects "
-            f"that are not tensors or plain containers, and kdrun never runs pickled code ({first})"
+            f"that are not tensors or plain containers, and kdrun never runs pickled code ({_first_line(e, '')})"
         ) from e
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
         raise KdrunError(
-            f"{key}={path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            f"{key}={path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(e)}"
         ) from e
     if not isinstance(obj, dict):
         raise KdrunError(f"{key}={path} holds a {type(obj).__name__}, not a state_dict or a kdrun checkpoint")
     return obj
+
+
+def _first_line(e: BaseException, empty: str | None = None) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (type(e).__name__ if empty is None else empty)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -34,6 +34,9 @@ ROLES: dict[str, Role] = {
     "dataset.student_max_samples": RECIPE,
     "dataset.augment": RECIPE,  # the teacher's augmentation identifies the teacher only, not the data
     "device": Role(identifies=False, names_run=False),
+    # Which kernels compute the same training, not what is trained (as the device): a model trained without it is
+    # as good a teacher; the artefact cache shares models across it (a deterministic run reusing one stays so).
+    "deterministic": Role(identifies=False),
     "teacher.checkpoint": Role(identifies=False, names_run=False),  # identified by the file's hash instead
     "teacher.checkpoint_format": Role(identifies=False, names_run=False),  # how the hashed file is read
     "cache": Role(names_run=False),

@@ -1,4 +1,9 @@
-"""Model files: written atomically, read with ``weights_only=True``, checked against the run's config.
+"""Model files: safetensors written atomically, their metadata in the header; checked against the run's config.
+
+A model file is ``<stage>.safetensors``: the state_dict's tensors, and under the header's ``kdrun`` metadata key one
+JSON object with the rest (model config, class and channel counts, image size, kdrun version, best epoch, training
+history...). Reading one never unpickles. Files of earlier kdrun versions (``<stage>.pt``, ``torch.save``) and plain
+state_dicts (``.pt`` or safetensors) still load; a ``torch.save`` file is read with ``weights_only=True``.
 
 A teacher file (``teacher.checkpoint``) is read in one of these formats (``teacher.checkpoint_format``):
 
@@ -19,9 +24,11 @@ DataParallel ``module.`` prefix is dropped, and BatchNorm's ``num_batches_tracke
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,7 +36,7 @@ import torch.nn as nn
 
 from kdrun import __version__
 from kdrun.core.errors import KdrunError
-from kdrun.core.io import atomic_save, read_state
+from kdrun.core.io import atomic_save, is_safetensors, read_state, read_tensors, save_tensors
 from kdrun.core.schema import check
 from kdrun.data import DataSpec
 from kdrun.models.registry import architecture_cfg, build_model, model_name
@@ -39,12 +46,41 @@ SAFE_TYPES = (argparse.Namespace,)  # RepDistiller's <model>_last.pth keeps its 
 DISTILLER_PREFIXES = ("student.", "teacher.")  # the keys of mdistiller's whole-distiller files (best, latest)
 NOT_REQUIRED = ".num_batches_tracked"  # a BatchNorm buffer that files of PyTorch < 0.4.1 lack
 
+MODEL_SUFFIX = ".safetensors"
+LEGACY_SUFFIX = ".pt"  # the torch.save model files of earlier kdrun versions
+META_KEY = "kdrun"  # one metadata entry: safetensors orders several at random, and the file's bytes would vary
+
+
+def model_file(folder: str | os.PathLike, stage: str) -> Path:
+    """Where a run writes the model of ``stage``: ``<folder>/<stage>.safetensors``."""
+    return Path(folder) / f"{stage}{MODEL_SUFFIX}"
+
+
+def find_model_file(folder: str | os.PathLike, stage: str) -> Path:
+    """The model file of ``stage`` to read in a run dir: ``<stage>.safetensors``, or the ``<stage>.pt`` of an
+    earlier kdrun when only that one is there (``model_file`` when neither is)."""
+    path = model_file(folder, stage)
+    legacy = path.with_suffix(LEGACY_SUFFIX)
+    return legacy if not path.is_file() and legacy.is_file() else path
+
+
+def weights_size(path: str | os.PathLike) -> int:
+    """The bytes of a model file's weights: its tensor data, without the header (whose metadata, e.g. the history's
+    timings, varies in length from run to run); the whole file for a ``torch.save`` file."""
+    size = os.path.getsize(path)
+    if not is_safetensors(path):
+        return size
+    with open(path, "rb") as f:
+        return size - 8 - int.from_bytes(f.read(8), "little")
+
 
 def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: DataSpec, **meta: Any) -> None:
-    """Write ``{"state_dict", "model_cfg", "num_classes", "in_channels", ...}``: enough to rebuild the model."""
-    atomic_save(
+    """Write ``{"state_dict", "model_cfg", "num_classes", "in_channels", ...}``: enough to rebuild the model.
+    ``meta`` holds JSON values (numbers, strings, lists, dicts)."""
+    write_checkpoint(
+        path,
         {
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": model.state_dict(),
             "model_cfg": architecture_cfg(model_cfg),
             "num_classes": spec.num_classes,
             "in_channels": spec.in_channels,
@@ -52,13 +88,33 @@ def save_model(path: str | os.PathLike, model: nn.Module, model_cfg: Any, spec: 
             "kdrun_version": __version__,
             **meta,
         },
-        path,
     )
 
 
+def write_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
+    """``ckpt`` (a ``state_dict`` and JSON metadata, as ``read_checkpoint`` returns it) as a safetensors file."""
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    save_tensors(ckpt["state_dict"], path, {META_KEY: json.dumps(meta)})
+
+
 def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
-    """A kdrun model file (or a plain state_dict) as ``{"state_dict": ..., **meta}``, read with ``read_state``."""
-    return _as_kdrun(read_state(path, key, SAFE_TYPES), path, key)
+    """A model checkpoint: kdrun's (safetensors, or ``torch.save`` of earlier versions) or a plain state_dict."""
+    return _as_kdrun(read_file(path, key), path, key)
+
+
+def read_file(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
+    """The file's contents: a safetensors file as ``{**metadata, "state_dict": tensors}``, never unpickled; a
+    ``torch.save`` file (older kdrun runs, RepDistiller, mdistiller) read with ``weights_only=True``."""
+    if Path(path).expanduser().is_file() and is_safetensors(Path(path).expanduser()):  # else legacy or invalid
+        tensors, header = read_tensors(path, key)
+        try:
+            meta = json.loads(header[META_KEY]) if META_KEY in header else {}
+        except ValueError as e:
+            raise KdrunError(f"{key}={path} has a kdrun header that is not JSON ({e})") from e
+        if not isinstance(meta, dict):
+            raise KdrunError(f"{key}={path} has a kdrun header that is not a JSON object")
+        return {**meta, "state_dict": tensors}
+    return read_state(path, key, SAFE_TYPES)  # no such file, a torch.save file, or neither: read_state says which
 
 
 def _as_kdrun(obj: dict[str, Any], path: str | os.PathLike, key: str) -> dict[str, Any]:
@@ -161,7 +217,7 @@ def load_model_with_meta(
     foreign file) with ``checkpoint_format``: the format ``fmt`` (one of ``CheckpointFormat``; a user's teacher file
     is read in ``checkpoint_format(model_cfg)``, kdrun's own files in ``kdrun``) that the file was read in."""
     requested = check(f"{key}_format", fmt, CheckpointFormat)
-    obj = read_state(path, key, SAFE_TYPES)
+    obj = read_file(path, key)
     fmt = detect_format(obj) if requested == "auto" else requested
     if fmt == "kdrun":
         ckpt = _as_kdrun(obj, path, key)

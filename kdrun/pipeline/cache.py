@@ -1,7 +1,8 @@
 """Content-addressed artefacts (trained teachers and baselines): built once, shared by every run that needs them.
 
-An entry is ``<root>/<kind>/<key>/`` holding ``model.pt`` and ``meta.json`` (key fields, metrics, checksum,
-creation time). The key is a hash of everything that determines the artefact and nothing else. Entries appear
+An entry is ``<root>/<kind>/<key>/`` holding its model file ``model.<suffix of the built file>`` (``model.safetensors``;
+entries of earlier kdrun versions have ``model.pt``) and ``meta.json`` (key fields, metrics, the model file's name and
+checksum, creation time). The key is a hash of everything that determines the artefact and nothing else. Entries appear
 by renaming a finished temp folder, under a per-key file lock, so parallel jobs build each artefact once and
 a reader never sees half of one. The lock is an OS lock (``flock``): a killed holder releases it.
 """
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Bump when a change to the code alters what training produces: every older entry stops matching.
 TRAINING_CODE_VERSION = "train-v2"
-MODEL_FILE = "model.pt"
+MODEL_STEM = "model"
+LEGACY_MODEL_FILE = "model.pt"  # what entries whose meta.json names no model file hold (earlier kdrun versions)
 META_FILE = "meta.json"
 WAIT_LOG_EVERY_S = 60.0
 
@@ -49,7 +51,7 @@ class Entry:
 
     @property
     def model_path(self) -> Path:
-        return self.dir / MODEL_FILE
+        return self.dir / model_file_of(self.meta)
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -131,15 +133,16 @@ class ArtefactCache:
         problem = None
         try:
             meta = json.loads((folder / META_FILE).read_text())
-            model = folder / MODEL_FILE
+            name = model_file_of(meta)
+            model = folder / name
             if meta.get("key") != key:
                 problem = f"its meta.json names key {meta.get('key')!r}"
             elif not model.is_file():
-                problem = f"{MODEL_FILE} is missing"
+                problem = f"{name} is missing"
             elif model.stat().st_size != meta["size"]:
-                problem = f"{MODEL_FILE} has {model.stat().st_size} bytes, expected {meta['size']} (truncated?)"
+                problem = f"{name} has {model.stat().st_size} bytes, expected {meta['size']} (truncated?)"
             elif file_sha256(model) != meta["sha256"]:
-                problem = f"{MODEL_FILE} fails its sha256 checksum"
+                problem = f"{name} fails its sha256 checksum"
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"its {META_FILE} is unreadable ({type(e).__name__}: {e})"
         if problem is None:
@@ -155,19 +158,21 @@ class ArtefactCache:
         folder = self.root / kind / key
         tmp = folder.with_name(f".tmp-{key}-{os.getpid()}")
         tmp.mkdir()
+        name = MODEL_STEM + model_file.suffix
         try:
-            shutil.copyfile(model_file, tmp / MODEL_FILE)
-            fsync_path(tmp / MODEL_FILE)
+            shutil.copyfile(model_file, tmp / name)
+            fsync_path(tmp / name)
             meta = {
                 "key": key,
                 "kind": kind,
+                "file": name,
                 "fields": fields,
                 "metrics": metrics,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": os.uname().nodename,
                 "pid": os.getpid(),
-                "sha256": file_sha256(tmp / MODEL_FILE),
-                "size": (tmp / MODEL_FILE).stat().st_size,
+                "sha256": file_sha256(tmp / name),
+                "size": (tmp / name).stat().st_size,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             fsync_path(tmp / META_FILE)
@@ -185,6 +190,14 @@ class ArtefactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Entry(kind, key, folder, meta)
+
+
+def model_file_of(meta: Mapping[str, Any]) -> str:
+    """The name of an entry's model file, as its meta.json records it (a bare name inside the entry)."""
+    name = meta.get("file", LEGACY_MODEL_FILE)
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"its meta.json names the model file {name!r}")
+    return name
 
 
 @contextmanager

@@ -5,7 +5,6 @@ model from the cache or loads it from a checkpoint, so every run of a sweep show
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
@@ -20,13 +19,6 @@ log = logging.getLogger(__name__)
 History = list[dict[str, float]]
 
 
-def to_store(rows: History | None) -> History | None:
-    """``rows`` as a model file keeps them: every key one shared string, so the file's size depends on the number
-    of epochs alone (a resumed stage, half of whose rows were read back from its training state, would otherwise
-    pickle its repeated keys differently from an uninterrupted one, and ``size_mb`` would differ)."""
-    return None if rows is None else [{sys.intern(k): v for k, v in row.items()} for row in rows]
-
-
 def stored_history(meta: Mapping[str, Any], where: str) -> History | None:
     """The ``history`` rows of a model file's metadata; None when it has none (a plain state_dict, a file or cache
     entry written before histories were kept) or when they are not epoch rows (reported, never fatal)."""
@@ -34,7 +26,7 @@ def stored_history(meta: Mapping[str, Any], where: str) -> History | None:
     if rows is None:
         return None
     if isinstance(rows, list) and rows and all(_is_row(row) for row in rows):
-        return to_store(rows)
+        return rows
     log.warning("%s: its training history is not a list of epoch rows; its curves are not replayed", where)
     return None
 

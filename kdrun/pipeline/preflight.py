@@ -19,6 +19,7 @@ from kdrun.losses import build_objective
 from kdrun.models import build_model, model_name
 from kdrun.models.checkpoint import checkpoint_format, load_model
 from kdrun.training.optim import build_optimizer, build_scheduler
+from kdrun.training.runtime import determinism_error
 
 
 def preflight(cfg: DictConfig, data: Data | None = None) -> None:
@@ -57,6 +58,8 @@ def _model(cfg: DictConfig, role: str, data: Data) -> nn.Module:
         with eval_mode(model), torch.no_grad():
             out = model(torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size))
     except RuntimeError as e:
+        if cfg.get("deterministic") and determinism_error(e) is not None:
+            raise  # not the image size: the run's determinism_errors says which op
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise KdrunError(
             f"{role}={model_name(node)} cannot take the dataset's {spec.image_size} x {spec.image_size} px images "

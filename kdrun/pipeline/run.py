@@ -27,7 +27,7 @@ from kdrun.pipeline.stages import RunContext, baseline_stage, student_stage, tea
 from kdrun.reporting.evaluation import evaluate_models
 from kdrun.reporting.export import check_formats, export_student
 from kdrun.reporting.report import assemble, summary_table, write_hparams, write_report
-from kdrun.training.runtime import Runtime, resolve_runtime
+from kdrun.training.runtime import Runtime, determinism_errors, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Run the whole experiment that ``cfg`` describes; return the distilled student's best validation accuracy."""
     run_dir = Path(run_dir or _hydra_output_dir() or ".")
     with job_device(cfg.device) as device, stop_on_signals():
-        runtime = resolve_runtime(device, cfg.amp, cfg.train.progress, cfg.channels_last, cfg.compile)
-        return _run(cfg, run_dir, runtime)
+        runtime = resolve_runtime(
+            device, cfg.amp, cfg.train.progress, cfg.channels_last, cfg.compile, cfg.get("deterministic", False)
+        )
+        with determinism_errors(runtime.deterministic):
+            return _run(cfg, run_dir, runtime)
 
 
 def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
@@ -139,6 +142,7 @@ def run_config(cfg: DictConfig, runtime: Runtime, test_images: int) -> dict[str,
         "amp": runtime.amp,
         "channels_last": runtime.channels_last,
         "compile": runtime.compile,
+        "deterministic": runtime.deterministic,
         "baseline": bool(cfg.baseline),
         "optim": model_name(cfg.optim),
         "sched": model_name(cfg.sched),

@@ -4,7 +4,8 @@
 - ``config.json``: the run's settings; resuming with other settings is an error, not a silent mix;
 - ``<stage>.state.pt``: the training state after the last complete epoch of the stage in progress
   (model, optimizer, scheduler, GradScaler, every RNG, best-validation weights, history);
-- ``<stage>.json``: the metrics of a finished stage, whose model is ``<run dir>/<stage>.pt``.
+- ``<stage>.json``: the metrics of a finished stage, whose model is ``<run dir>/<stage>.safetensors`` (``.pt`` in
+  a run dir of an earlier kdrun version).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun.core.errors import KdrunError
 from kdrun.core.io import write_json
 from kdrun.core.keys import not_resumed
+from kdrun.models.checkpoint import find_model_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> bool:
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     temps = [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.tmp.*"), *folder.glob(".*.tmp")]
-    for stale in [*temps, run_dir / ".teacher_logits.pt"]:
+    for stale in [*temps, run_dir / ".teacher_logits.safetensors", run_dir / ".teacher_logits.pt"]:
         stale.unlink(missing_ok=True)  # written by a process that was killed before its rename
     ours = _comparable(cfg)
     recorded = folder / "config.json"
@@ -59,7 +61,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> bool:
 def finished_stage(run_dir: Path, stage: str) -> dict[str, Any] | None:
     """The metrics of ``stage`` if an earlier attempt of this run finished it (its model file is there too)."""
     record = checkpoint_dir(run_dir) / f"{stage}.json"
-    if record.is_file() and (run_dir / f"{stage}.pt").is_file():
+    if record.is_file() and find_model_file(run_dir, stage).is_file():
         return json.loads(record.read_text())
     return None
 

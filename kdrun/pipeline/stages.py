@@ -17,16 +17,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core import distributed
 from kdrun.core.errors import KdrunError
-from kdrun.core.io import atomic_save, file_sha256, read_state
+from kdrun.core.io import file_sha256, is_safetensors, read_state, read_tensors, save_tensors
 from kdrun.core.keys import dataset_identity, model_identity
 from kdrun.core.registry import to_dict
 from kdrun.data import Data, labels_of, with_augment, with_train_subset
 from kdrun.data.augment import build_mix
 from kdrun.losses import CrossEntropy, Objective, build_objective
 from kdrun.models import architecture_cfg, build_model, count_params, model_name
-from kdrun.models.checkpoint import checkpoint_format, load_model, load_model_with_meta, save_model
+from kdrun.models.checkpoint import (
+    checkpoint_format,
+    find_model_file,
+    load_model,
+    load_model_with_meta,
+    model_file,
+    save_model,
+    write_checkpoint,
+)
 from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
-from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
+from kdrun.pipeline.history import logged_epochs, replay, stored_history
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.health import Chance, advice, assess
 from kdrun.training.loop import FitResult, Stage, fit
@@ -63,7 +71,7 @@ def resumable(ctx: RunContext, name: str, model_cfg: DictConfig, make: Callable[
         if distributed.is_main():
             record_stage(ctx.run_dir, name, metrics)
         return model, metrics
-    path = ctx.run_dir / f"{name}.pt"
+    path = find_model_file(ctx.run_dir, name)
     model = load_model(path, model_cfg, ctx.data.spec, key=f"{name} of the earlier attempt")
     model = model.to(ctx.runtime.device)
     acc = 100 * metrics["test_acc"]
@@ -111,7 +119,7 @@ def checkpoint_stage(ctx: RunContext, name: str, model_cfg: DictConfig) -> Made:
     history = stored_history(meta, f"{name}.checkpoint={path}")
     log.info("%s %s loaded from %s", name, model_name(model_cfg), path)
     val, test = ctx.evaluate(teacher, "val"), ctx.evaluate(teacher, "test")
-    save_run_model(ctx.run_dir / f"{name}.pt", teacher, model_cfg, ctx.data.spec, source=str(path), history=history)
+    save_run_model(model_file(ctx.run_dir, name), teacher, model_cfg, ctx.data.spec, source=str(path), history=history)
     return teacher, {
         "source": "checkpoint",
         "cache_key": None,
@@ -141,7 +149,7 @@ def ensemble_teacher(ctx: RunContext) -> Made:
     for slot, member in zip(ensemble.members, members, strict=True):  # type: ignore[arg-type]
         slot.load_state_dict(member.state_dict())
     val, test = ctx.evaluate(ensemble, "val"), ctx.evaluate(ensemble, "test")
-    save_run_model(ctx.run_dir / "teacher.pt", ensemble, cfg.teacher, ctx.data.spec)
+    save_run_model(model_file(ctx.run_dir, "teacher"), ensemble, cfg.teacher, ctx.data.spec)
     identities = [model_identity(m) for m in member_metrics]
     log.info("teacher: ensemble of %d, test acc %.2f%%", len(members), 100 * test["acc"])
     return ensemble, {
@@ -188,7 +196,7 @@ def reusable_stage(ctx: RunContext, stage: str, model_cfg: DictConfig, name: str
 
     def build() -> tuple[Path, dict]:
         trained.append(train_stage(ctx, stage, model_cfg, CrossEntropy(), TeacherSource(), name))
-        return ctx.run_dir / f"{name}.pt", trained[0][1]
+        return model_file(ctx.run_dir, name), trained[0][1]
 
     entry, hit = ctx.cache.fetch_or_build(stage, artefact_fields(ctx.cfg, stage, ctx.runtime.amp, model_cfg), build)
     if not hit:
@@ -197,7 +205,7 @@ def reusable_stage(ctx: RunContext, stage: str, model_cfg: DictConfig, name: str
     key = f"cache entry {entry.dir}"
     model, meta = load_model_with_meta(entry.model_path, model_cfg, ctx.data.spec, key=key)
     model = model.to(ctx.runtime.device)
-    _link_or_skip(entry.model_path, ctx.run_dir / f"{name}.pt")
+    into_run_dir(entry.model_path, model_file(ctx.run_dir, name), model, meta)
     done = logged_epochs(state_path(ctx.run_dir, name))  # by an earlier attempt of this run, killed while training
     replayed = replay(ctx.writer, name, stored_history(meta, key), f"cache {entry.key}", after=done)
     metrics = {**entry.metrics, "source": "cache", "cache_key": entry.key, "history_source": replayed}
@@ -244,18 +252,19 @@ def teacher_source(
         "max_samples": cfg.train.student.get("max_samples"),
         "amp": ctx.runtime.amp,
     }
-    tmp = ctx.run_dir / ".teacher_logits.pt"
+    tmp = ctx.run_dir / ".teacher_logits.safetensors"
 
     def build() -> tuple[Path, dict]:
         logits, labels = compute()
-        atomic_save({"logits": logits.cpu(), "labels": labels.cpu()}, tmp)
+        save_tensors({"logits": logits, "labels": labels}, tmp, {})
         return tmp, {"samples": len(split)}
 
     try:
         entry, _ = ctx.cache.fetch_or_build_here("teacher_logits", fields, build)
     finally:
         tmp.unlink(missing_ok=True)
-    stored = read_state(entry.model_path, f"cache entry {entry.dir}")  # checksum-verified by the cache
+    where, path = f"cache entry {entry.dir}", entry.model_path  # checksum-verified by the cache
+    stored = read_tensors(path, where)[0] if is_safetensors(path) else read_state(path, where)  # .pt: earlier kdrun
     labels = getattr(split, "labels", None)  # in-memory splits: check the rows are this run's samples, in order
     if stored["logits"].shape[0] != len(split) or (
         labels is not None and not torch.equal(stored["labels"], labels.cpu())
@@ -343,8 +352,8 @@ def train_stage(
     eval_batch = cfg.train.eval_batch_size
     last_test = evaluate(result.model, data.test, data, ctx.runtime, eval_batch)
     best_test = evaluate(best, data.test, data, ctx.runtime, eval_batch)
-    history = to_store(result.history)
-    save_run_model(ctx.run_dir / f"{name}.pt", best, model_cfg, data.spec, epoch=result.best_epoch, history=history)
+    path = model_file(ctx.run_dir, name)
+    save_run_model(path, best, model_cfg, data.spec, epoch=result.best_epoch, history=result.history)
     return best, {
         "source": "trained",
         "cache_key": None,
@@ -432,11 +441,15 @@ def save_run_model(path: Path, model: nn.Module, model_cfg: DictConfig, spec, **
         save_model(path, model, model_cfg, spec, **meta)
 
 
-def _link_or_skip(src: Path, dst: Path) -> None:
-    """Give the run dir its ``<stage>.pt`` as a hard link to the cache entry (no copy); skip across filesystems.
+def into_run_dir(src: Path, dst: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Give the run dir its ``<stage>.safetensors`` as a hard link to the cache entry's file (no copy; skipped
+    across filesystems), or, for an entry of an earlier kdrun (``model.pt``), as that model converted.
 
     Rank 0 of a distributed run alone does it."""
     if not distributed.is_main():
+        return
+    if not is_safetensors(src):
+        write_checkpoint(dst, {**meta, "state_dict": model.state_dict()})
         return
     try:
         dst.unlink(missing_ok=True)

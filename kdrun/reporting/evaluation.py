@@ -25,6 +25,7 @@ from torchmetrics.functional.classification import (
 from kdrun.core.modes import eval_mode
 from kdrun.data import Data, DataSpec, Split
 from kdrun.models import count_params
+from kdrun.models.checkpoint import find_model_file, weights_size
 from kdrun.training.predict import predict
 from kdrun.training.runtime import Runtime
 
@@ -147,7 +148,7 @@ def cost_metrics(
     return {
         "params": count_params(model),
         "flops": flops_per_image(model, spec),
-        "size_mb": checkpoint.stat().st_size / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
+        "size_mb": weights_size(checkpoint) / 2**20 if checkpoint is not None and checkpoint.is_file() else None,
         "latency_ms_b1": 1000 * latency.median,
         "latency_ms_b1_iqr": 1000 * latency.iqr,
         "latency_ms_b1_n": len(latency.times),
@@ -183,7 +184,7 @@ def evaluate_models(
         logits, labels = outputs[stage]
         report[stage] = {
             **prediction_metrics(logits, labels, teacher_logits, int(cfg.ece_bins)),
-            **cost_metrics(model, data.spec, runtime, run_dir / f"{stage}.pt", cfg),
+            **cost_metrics(model, data.spec, runtime, find_model_file(run_dir, stage), cfg),
         }
     if "teacher" in report and "student" in report:
         report["student_vs_teacher"] = ratios(report["teacher"], report["student"], int(cfg.throughput_batch))

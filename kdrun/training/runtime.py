@@ -1,4 +1,4 @@
-"""Where and how to compute: device, AMP, memory format, torch.compile, and per-epoch peak memory."""
+"""Where and how to compute: device, AMP, memory format, torch.compile, determinism, and per-epoch peak memory."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
+import re
 import sys
 import weakref
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,17 +25,21 @@ log = logging.getLogger(__name__)
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CHANNELS_LAST_CHOICES = ("auto", True, False)
 COMPILE_BACKEND = "inductor"  # tests swap in a failing backend to check the fallback
+# cuBLAS is deterministic with a fixed workspace per handle: one of NVIDIA's two settings, read before its first call.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+_NO_DETERMINISTIC_OP = re.compile(r"^(\S+) does not have a deterministic implementation")
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """The resolved ``device``, ``amp``, ``channels_last`` and ``compile`` settings of a run."""
+    """The resolved ``device``, ``amp``, ``channels_last``, ``compile`` and ``deterministic`` settings of a run."""
 
     device: torch.device
     amp: str = "off"  # off | bf16 | fp16
     progress: bool = False
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -135,11 +141,12 @@ def resolve_runtime(
     progress: Any = "auto",
     channels_last: Any = "auto",
     compile: bool = False,
+    deterministic: bool = False,
 ) -> Runtime:
     """Resolve the ``auto`` settings for this machine; a GPU-only choice on CPU degrades with a warning.
 
     ``amp=auto``: bf16 on GPUs that support it, else fp16 (with GradScaler); on CPU bf16 where the CPU has native
-    bf16 units, else off. ``channels_last=auto``: on, except on MPS.
+    bf16 units, else off. ``channels_last=auto``: on, except on MPS. ``deterministic``: see ``use_deterministic``.
     """
     dev = resolve_device(str(device))
     amp = resolve_amp(str(amp), dev)
@@ -149,11 +156,48 @@ def resolve_runtime(
         channels_last = dev.type != "mps"
     if dev.type == "cpu":
         keep_freed_memory()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    use_deterministic(bool(deterministic), dev)
     if progress == "auto":
         progress = sys.stdout.isatty()  # bars only when a person watches the output
-    return Runtime(dev, amp, bool(progress), bool(channels_last), bool(compile))
+    return Runtime(dev, amp, bool(progress), bool(channels_last), bool(compile), bool(deterministic))
+
+
+def use_deterministic(on: bool, dev: torch.device) -> None:
+    """Set PyTorch's process-wide determinism for a run (both ways: an earlier run in this process may have set it).
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic implementation raises, see
+    ``determinism_errors``), cuDNN's deterministic kernels without autotuning, and ``CUBLAS_WORKSPACE_CONFIG``
+    (unless already set) before the run's first cuBLAS call. Off: cuDNN autotunes its kernels on CUDA (the
+    input sizes are fixed, so it tunes once).
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = dev.type == "cuda" and not on
+
+
+def determinism_error(e: BaseException) -> KdrunError | None:
+    """The one-line error for what ``deterministic=true`` refused (an op with no deterministic implementation on
+    this device, named when PyTorch names it), or None for any other error."""
+    lines = str(e).strip().splitlines()
+    if not isinstance(e, RuntimeError) or not lines or "deterministic" not in lines[0].lower():
+        return None
+    op = _NO_DETERMINISTIC_OP.match(lines[0])
+    what = f"{op.group(1)} has no deterministic implementation" if op else lines[0].split(". ")[0][:300]
+    return KdrunError(f"deterministic=true: {what} on this device; deterministic=false allows it")
+
+
+@contextmanager
+def determinism_errors(on: bool) -> Iterator[None]:
+    """With ``on``, what ``torch.use_deterministic_algorithms`` refuses becomes ``determinism_error``'s one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        translated = determinism_error(e) if on else None
+        if translated is None:
+            raise
+        raise translated from e
 
 
 def resolve_device(device: str) -> torch.device:

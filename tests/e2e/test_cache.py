@@ -75,6 +75,10 @@ def test_a_killed_builder_does_not_block_the_next_one(tmp_path):
     assert entry.model_path.read_bytes() == b"weights"
 
 
+def entry_dir(tmp_path: Path, stage: str, metrics: dict) -> Path:
+    return tmp_path / "outputs" / ".cache" / stage / metrics[stage]["cache_key"]
+
+
 def test_rerun_reuses_teacher_and_baseline_and_gives_the_same_student(tmp_path):
     first, second, off = tmp_path / "first", tmp_path / "second", tmp_path / "off"
     for run_dir in (first, second):
@@ -85,8 +89,10 @@ def test_rerun_reuses_teacher_and_baseline_and_gives_the_same_student(tmp_path):
         assert m1[stage]["source"] == "trained" and m2[stage]["source"] == "cache"
         assert m1[stage]["cache_key"] == m2[stage]["cache_key"]
         assert m1[stage]["test_acc"] == m2[stage]["test_acc"]
-        assert (second / f"{stage}.pt").read_bytes() == (first / f"{stage}.pt").read_bytes()
-        entry = tmp_path / "outputs" / ".cache" / stage / m1[stage]["cache_key"]
+        model = f"{stage}.safetensors"
+        assert (second / model).read_bytes() == (first / model).read_bytes()
+        assert (second / model).samefile(entry_dir(tmp_path, stage, m1) / "model.safetensors")  # linked, not copied
+        entry = entry_dir(tmp_path, stage, m1)
         assert json.loads((entry / "meta.json").read_text())["metrics"]["test_acc"] == m1[stage]["test_acc"]
     # the cached teacher is the very model the first run distilled from: the student comes out the same
     assert m1["student"]["test_acc"] == m2["student"]["test_acc"]

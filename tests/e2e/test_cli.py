@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from kdrun.models.checkpoint import read_checkpoint
 from kdrun.training.runtime import resolve_runtime
 from tests.conftest import QUICK, REPO, read_metrics, run_kdrun
 
@@ -46,7 +47,7 @@ def check_run_dir(run_dir: Path, stages=("teacher", "baseline", "student")) -> d
     for stage in stages:
         assert STAGE_KEYS <= set(metrics[stage]), stage
         assert 0 <= metrics[stage]["test_acc"] <= 1 and 0 <= metrics[stage]["val_acc_best"] <= 1
-        assert (run_dir / f"{stage}.pt").is_file()
+        assert (run_dir / f"{stage}.safetensors").is_file() and not (run_dir / f"{stage}.pt").exists()
     assert metrics["objective"] == metrics["student"]["val_acc_best"]
     if "baseline" in stages:
         assert metrics["kd_gain"] == pytest.approx(metrics["student"]["test_acc"] - metrics["baseline"]["test_acc"])
@@ -122,12 +123,15 @@ def test_issue_command_on_real_mnist(tmp_path, mnist_root):
 def test_baseline_false_and_teacher_checkpoint(tmp_path):
     first = tmp_path / "first"
     assert run_kdrun([f"hydra.run.dir={first}", "teacher=lenet5", *QUICK], cwd=tmp_path).returncode == 0
+    # the teacher file as an earlier kdrun wrote it: torch.save of the same dict
+    old = tmp_path / "old-teacher.pt"
+    torch.save(read_checkpoint(first / "teacher.safetensors"), old)
     second = tmp_path / "second"
     result = run_kdrun(
         [
             f"hydra.run.dir={second}",
             "teacher=lenet5",
-            f"teacher.checkpoint={first / 'teacher.pt'}",
+            f"teacher.checkpoint={old}",
             "baseline=false",
             *QUICK,
         ],
@@ -142,7 +146,7 @@ def test_baseline_false_and_teacher_checkpoint(tmp_path):
         [
             f"hydra.run.dir={tmp_path / 'third'}",
             "teacher=resnet20",
-            f"teacher.checkpoint={first / 'teacher.pt'}",
+            f"teacher.checkpoint={first / 'teacher.safetensors'}",
             *QUICK,
         ],
         cwd=tmp_path,
@@ -190,11 +194,15 @@ CLI_ERRORS = [
     # checkpoint files
     (["teacher.checkpoint={d}/evil.pt"], "{d}/evil.pt was refused by torch.load(weights_only=True)"),
     (["teacher.checkpoint={d}/cut.pt"], "{d}/cut.pt is not a readable PyTorch checkpoint (truncated or corrupt?)"),
+    (
+        ["teacher.checkpoint={d}/cut.safetensors"],
+        "{d}/cut.safetensors is not a readable safetensors file (truncated or corrupt?)",
+    ),
     (["teacher.checkpoint={d}/notes.txt"], "{d}/notes.txt is not a readable PyTorch checkpoint"),
     (["teacher.checkpoint={d}/list.pt"], "{d}/list.pt holds a list, not a state_dict or a kdrun checkpoint"),
-    (["teacher.checkpoint={d}/mlp.pt"], "{d}/mlp.pt holds a mlp but the run's model is resnet20"),
-    (["teacher.checkpoint={d}/c100.pt"], "was trained with num_classes=100 but the dataset has num_classes=10"),
-    (["teacher.checkpoint={d}/rgb.pt"], "was trained with in_channels=3 but the dataset has in_channels=1"),
+    (["teacher.checkpoint={d}/mlp.safetensors"], "{d}/mlp.safetensors holds a mlp but the run's model is resnet20"),
+    (["teacher.checkpoint={d}/c100.safetensors"], "trained with num_classes=100 but the dataset has num_classes=10"),
+    (["teacher.checkpoint={d}/rgb.safetensors"], "was trained with in_channels=3 but the dataset has in_channels=1"),
     (["teacher.checkpoint={d}/sd100.pt"], "{d}/sd100.pt does not fit resnet20 for this dataset: shape mismatch"),
     (["teacher.checkpoint={d}/absent.pt"], "teacher.checkpoint={d}/absent.pt is not a file"),
 ]
@@ -220,14 +228,17 @@ def bad_files(tmp_path_factory) -> Path:
     _Payload.marker = d / "pwned"
     torch.save({"state_dict": {}, "x": _Payload()}, d / "evil.pt")
     digits, resnet20 = DataSpec(10, 1, 8), {"name": "resnet20"}
-    save_model(d / "good.pt", build_model(resnet20, digits), resnet20, digits)
+    save_model(d / "good.safetensors", build_model(resnet20, digits), resnet20, digits)
+    data = (d / "good.safetensors").read_bytes()
+    (d / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save(read_checkpoint(d / "good.safetensors"), d / "good.pt")  # as an earlier kdrun wrote it
     data = (d / "good.pt").read_bytes()
     (d / "cut.pt").write_bytes(data[: len(data) // 2])
     (d / "notes.txt").write_text("these are not weights\n")
     torch.save([1, 2, 3], d / "list.pt")
-    save_model(d / "mlp.pt", build_model({"name": "mlp"}, digits), {"name": "mlp"}, digits)
-    save_model(d / "c100.pt", build_model(resnet20, DataSpec(100, 1, 8)), resnet20, DataSpec(100, 1, 8))
-    save_model(d / "rgb.pt", build_model(resnet20, DataSpec(10, 3, 8)), resnet20, DataSpec(10, 3, 8))
+    save_model(d / "mlp.safetensors", build_model({"name": "mlp"}, digits), {"name": "mlp"}, digits)
+    save_model(d / "c100.safetensors", build_model(resnet20, DataSpec(100, 1, 8)), resnet20, DataSpec(100, 1, 8))
+    save_model(d / "rgb.safetensors", build_model(resnet20, DataSpec(10, 3, 8)), resnet20, DataSpec(10, 3, 8))
     torch.save(build_model(resnet20, DataSpec(100, 1, 8)).state_dict(), d / "sd100.pt")  # bare: no metadata
     return d
 

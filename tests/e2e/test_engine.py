@@ -1,10 +1,10 @@
 """Every KD method and mixing through the whole pipeline, in-process, on digits and on real MNIST (slow: 14 runs)."""
 
 import pytest
-import torch
 
 from kdrun.data import DataSpec
 from kdrun.models import build_model
+from kdrun.models.checkpoint import read_checkpoint
 from kdrun.pipeline.run import run
 from tests.unit.test_engine import config
 
@@ -36,6 +36,6 @@ def test_methods_run_end_to_end(tmp_path, method, dataset, request):
     events.Reload()
     assert {f"student/train/{t}" for t in terms} <= set(events.Tags()["scalars"])
     # Only the student's own weights are saved: a FitNet adapter is needed for training, not for using the student.
-    saved = torch.load(tmp_path / "student.pt", weights_only=True)
+    saved = read_checkpoint(tmp_path / "student.safetensors")
     spec = DataSpec(saved["num_classes"], saved["in_channels"], saved["image_size"])
     assert set(saved["state_dict"]) == set(build_model(config(*extra).student, spec).state_dict())

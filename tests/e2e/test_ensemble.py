@@ -25,7 +25,7 @@ def test_ensemble_teacher_end_to_end_with_members_cached_one_by_one(tmp_path, da
     assert all(m["source"] == "trained" and m["cache_key"] for m in teacher["members"])
     assert teacher["params"] == sum(m["params"] for m in teacher["members"])
     assert metrics["student"]["teacher_logits"].startswith("cached (")
-    assert len(list((tmp_path / "cache" / "teacher").glob("*/model.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "teacher").glob("*/model.safetensors"))) == 2
     # Another run with one member in common trains only the new one.
     other = "teacher.members=[{name: lenet5}, {name: small_cnn}]"
     run(config(*extra[:1], other, *extra[2:]), tmp_path / "second")

@@ -1,8 +1,11 @@
 """The evaluation report of a real run: every item in metrics.json, report.md, TensorBoard, and kdrun-eval."""
 
 import json
+import shutil
 
 import pytest
+import torch
+from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import read_metrics, run_kdrun
@@ -79,3 +82,43 @@ def test_kdrun_eval_reevaluates_the_saved_models_on_another_split(reported_run, 
     assert (out / "report.md").is_file() and (out / "student_confusion.png").is_file()
     bad = run_kdrun([str(tmp_path / "nothing")], cwd=tmp_path, command="kdrun-eval")
     assert bad.returncode == 2 and "is not a kdrun run dir" in bad.stderr
+
+
+def test_the_run_writes_its_models_as_safetensors_files_without_pickle(reported_run):
+    metrics = read_metrics(reported_run)
+    assert not list(reported_run.glob("*.pt"))
+    for stage in ("teacher", "baseline", "student"):
+        path = reported_run / f"{stage}.safetensors"
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["kdrun"])
+        assert meta["model_cfg"]["name"] == metrics["config"][stage if stage == "teacher" else "student"]
+        assert (meta["num_classes"], meta["in_channels"], meta["image_size"]) == (10, 1, 8)
+        assert meta["epoch"] == metrics[stage]["best_epoch"] and len(meta["history"]) == metrics[stage]["epochs"]
+        data = path.read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little")
+        spans = [v["data_offsets"] for k, v in json.loads(data[8:header]).items() if k != "__metadata__"]
+        assert header + max(end for _, end in spans) == len(data)  # the JSON header and tensor data: nothing else
+        assert metrics["evaluation"][stage]["size_mb"] == (len(data) - header) / 2**20  # the weights alone
+
+
+def test_kdrun_eval_still_evaluates_a_run_dir_of_an_earlier_kdrun(reported_run, tmp_path):
+    old = tmp_path / "old-run"
+    shutil.copytree(reported_run, old, ignore=shutil.ignore_patterns("tb", "eval-*"))
+    for stage in ("teacher", "baseline", "student"):  # <stage>.pt as kdrun wrote them before: torch.save of a dict
+        path = old / f"{stage}.safetensors"
+        with safe_open(path, framework="pt") as f:
+            saved = {**json.loads(f.metadata()["kdrun"]), "state_dict": {k: f.get_tensor(k) for k in f.keys()}}
+        torch.save(saved, old / f"{stage}.pt")
+        path.unlink()
+    out = tmp_path / "report"
+    result = run_kdrun(["--device", "cpu", "--out", str(out), str(old)], cwd=tmp_path, command="kdrun-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((out / "evaluation.json").read_text())["evaluation"]
+    metrics = read_metrics(reported_run)
+    for stage in ("teacher", "baseline", "student"):
+        assert evaluation[stage]["acc"] == pytest.approx(metrics[stage]["test_acc_best"])
+        assert evaluation[stage]["size_mb"] == pytest.approx((old / f"{stage}.pt").stat().st_size / 2**20)
+    assert not list(old.glob("*.safetensors"))  # evaluating converts nothing behind the user's back
+    (old / "student.pt").unlink()
+    bad = run_kdrun([str(old)], cwd=tmp_path, command="kdrun-eval")
+    assert bad.returncode == 2 and "has no student.safetensors (nor student.pt): the run did not finish" in bad.stderr

@@ -137,7 +137,7 @@ def test_diverging_teacher_fails_clearly_and_caches_nothing(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "kdrun: error: stage teacher, epoch " in result.stderr and "train.teacher.lr" in result.stderr
-    assert not list(cache.rglob("model.pt")) and not list(cache.rglob(".tmp-*"))
+    assert not list(cache.rglob("model.*")) and not list(cache.rglob(".tmp-*"))
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -1,10 +1,13 @@
-"""The runtime's process-wide allocator setting, checked in a fresh process."""
+"""The runtime's process-wide settings, checked in fresh processes: the allocator, and ``deterministic=true``."""
 
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import read_metrics, run_kdrun
+from tests.e2e.test_resume import numbers
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
@@ -31,3 +34,15 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
     )
     out = subprocess.run([sys.executable, "-c", churn], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) < 100  # measured 0; 120 000+ without the setting
+
+
+def test_deterministic_true_runs_give_identical_numbers(tmp_path):
+    args = ["cache=off", "deterministic=true", "train.teacher.epochs=2", "train.student.epochs=2"]
+    args += ["train.progress=false", "report.latency_repeats=2"]
+    runs = []
+    for name in ("a", "b"):
+        result = run_kdrun([f"hydra.run.dir={tmp_path / name}", *args], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(read_metrics(tmp_path / name))
+    assert runs[0]["config"]["deterministic"] is True
+    assert numbers(runs[0]) == numbers(runs[1])  # every number but the wall-clock ones

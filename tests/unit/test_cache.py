@@ -1,5 +1,6 @@
 """The artefact cache in-process: what its key depends on, locking, corrupt entries, GPU slot leases."""
 
+import json
 import logging
 import threading
 import time
@@ -174,6 +175,27 @@ def test_entry_written_meanwhile_without_the_lock_is_kept_not_clobbered(tmp_path
         entry, hit = cache.fetch_or_build("teacher", {"k": 9}, build_while_another_writes)
     assert not hit and entry.model_path.read_bytes() == b"first"
     assert not list(lock.parent.glob(".tmp-*"))
+
+
+def test_an_entry_keeps_its_model_file_under_the_name_its_meta_records(tmp_path, caplog):
+    cache = ArtefactCache(tmp_path / "cache")
+    built = tmp_path / "teacher.safetensors"
+    built.write_bytes(b"tensors")
+    entry, _ = cache.fetch_or_build("teacher", {"k": 1}, lambda: (built, {"test_acc": 0.5}))
+    assert entry.meta["file"] == "model.safetensors" and entry.model_path == entry.dir / "model.safetensors"
+    # an entry of an earlier kdrun: model.pt, and a meta.json that names no file
+    meta = json.loads((entry.dir / "meta.json").read_text())
+    del meta["file"]
+    (entry.dir / "model.safetensors").rename(entry.dir / "model.pt")
+    (entry.dir / "meta.json").write_text(json.dumps(meta))
+    old, hit = cache.fetch_or_build("teacher", {"k": 1}, builder(tmp_path)[0])
+    assert hit and old.model_path == entry.dir / "model.pt" and old.model_path.read_bytes() == b"tensors"
+    # a meta.json naming a file outside its entry is a damaged entry, never followed
+    (entry.dir / "meta.json").write_text(json.dumps({**meta, "file": "../../elsewhere"}))
+    with caplog.at_level(logging.WARNING, logger="kdrun.pipeline.cache"):
+        rebuilt, hit = cache.fetch_or_build("teacher", {"k": 1}, builder(tmp_path)[0])
+    assert not hit and "names the model file '../../elsewhere'" in caplog.text
+    assert rebuilt.model_path.read_bytes() == b"weights"
 
 
 def _no_lock():

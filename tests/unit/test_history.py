@@ -2,7 +2,6 @@
 still has its curves in the run's TensorBoard, at the same tags and steps as in the run that trained it."""
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -10,7 +9,8 @@ from hydra import compose, initialize_config_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kdrun.core.io import file_sha256
-from kdrun.pipeline.history import replay, stored_history, to_store
+from kdrun.models.checkpoint import read_checkpoint
+from kdrun.pipeline.history import replay, stored_history
 from kdrun.pipeline.run import run
 from kdrun.pipeline.rundir import state_path
 
@@ -49,14 +49,15 @@ def test_cached_and_checkpoint_teachers_replay_the_curves_of_the_run_that_traine
         assert replayed == trained and [step for step, _ in trained["val/acc"]] == [1, 2]
     assert second["student"]["history_source"] == "trained"
 
-    # A teacher loaded from another run's teacher.pt (here a hard link to the cache entry) has its curves too.
-    teacher_pt = tmp_path / "second" / "teacher.pt"
-    loaded = run_with(tmp_path / "loaded", f"teacher.checkpoint={teacher_pt}", "baseline=false", cache)
+    # A teacher loaded from another run's model file (here a hard link to the cache entry) has its curves too.
+    teacher_file = tmp_path / "second" / "teacher.safetensors"
+    assert teacher_file.samefile(tmp_path / "cache" / "teacher" / first["teacher"]["cache_key"] / "model.safetensors")
+    loaded = run_with(tmp_path / "loaded", f"teacher.checkpoint={teacher_file}", "baseline=false", cache)
     assert loaded["teacher"]["source"] == "checkpoint"
-    assert loaded["teacher"]["history_source"] == f"checkpoint {teacher_pt}"
+    assert loaded["teacher"]["history_source"] == f"checkpoint {teacher_file}"
     assert scalars(tmp_path / "loaded", "teacher") == scalars(tmp_path / "first", "teacher")
-    # ... and so has the next run's teacher.pt, copied from that checkpoint
-    assert stored_history(torch.load(tmp_path / "loaded" / "teacher.pt", weights_only=True), "copy")
+    # ... and so has the next run's model file, copied from that checkpoint
+    assert stored_history(read_checkpoint(tmp_path / "loaded" / "teacher.safetensors"), "copy")
 
     # A run resumed after its stages finished writes no curve twice.
     run_with(tmp_path / "second", cache)
@@ -76,23 +77,31 @@ def test_cached_and_checkpoint_teachers_replay_the_curves_of_the_run_that_traine
 def test_models_without_curves_still_work_and_record_none(tmp_path):
     cache = f"cache.dir={tmp_path / 'cache'}"
     first = run_with(tmp_path / "first", "baseline=false", cache)
-    saved = torch.load(tmp_path / "first" / "teacher.pt", weights_only=True)
+    saved = read_checkpoint(tmp_path / "first" / "teacher.safetensors")
     plain = tmp_path / "plain.pt"
     torch.save(saved["state_dict"], plain)
     loaded = run_with(tmp_path / "plain", f"teacher.checkpoint={plain}", "baseline=false", cache)
     assert loaded["teacher"]["source"] == "checkpoint" and loaded["teacher"]["history_source"] is None
     assert scalars(tmp_path / "plain", "teacher") == {}
 
-    # A cache entry written before curves were kept: its model file has no history (its checksum still holds).
+    # A cache entry of an earlier kdrun, written before curves were kept and before model files were safetensors:
+    # a torch.save model.pt without history, and a meta.json that names no model file (its checksum still holds).
     entry = tmp_path / "cache" / "teacher" / first["teacher"]["cache_key"]
     del saved["history"]
+    (entry / "model.safetensors").unlink()
     torch.save(saved, entry / "model.pt")
     meta = json.loads((entry / "meta.json").read_text())
+    del meta["file"]
     meta.update(sha256=file_sha256(entry / "model.pt"), size=(entry / "model.pt").stat().st_size)
     (entry / "meta.json").write_text(json.dumps(meta))
     old = run_with(tmp_path / "old", "baseline=false", cache)
     assert old["teacher"]["source"] == "cache" and old["teacher"]["history_source"] is None
     assert scalars(tmp_path / "old", "teacher") == {}
+    assert (entry / "model.pt").is_file() and not (entry / "model.safetensors").exists()  # the entry is left as is
+    # the run dir's copy is a safetensors file all the same, converted with the entry's metadata
+    copy = read_checkpoint(tmp_path / "old" / "teacher.safetensors")
+    assert copy.keys() == saved.keys() and not (tmp_path / "old" / "teacher.pt").exists()
+    assert all(torch.equal(copy["state_dict"][k], v) for k, v in saved["state_dict"].items())
 
 
 def test_rows_that_are_not_epoch_rows_are_reported_not_replayed(caplog):
@@ -110,18 +119,3 @@ def test_rows_that_are_not_epoch_rows_are_reported_not_replayed(caplog):
     assert replay(Writer(), "teacher_2", stored_history({"history": rows}, "ok"), "cache abc") == "cache abc"
     assert written == [("teacher_2/lr", 0.1, 1), ("teacher_2/val/acc", 0.5, 1)]  # the live loop's tags
     assert replay(Writer(), "teacher", None, "cache abc") is None
-
-
-def test_stored_rows_pickle_to_a_size_that_depends_on_their_values_alone():
-    # a resumed stage's rows are half read back from its training state: their keys are other string objects
-    def row(epoch: int, key: str) -> dict:
-        return {"epoch": epoch, key: 0.5, "lr": 0.1}
-
-    shared = [row(e, "train/loss") for e in (1, 2, 3)]
-    separate = [row(e, "".join(["train/", "loss"])) for e in (1, 2, 3)]
-
-    def size(rows) -> int:  # torch.save pickles the metadata with protocol 2 (its zip pads the sizes)
-        return len(pickle.dumps({"history": rows}, protocol=2))
-
-    assert size(shared) < size(separate)  # what made a resumed run's size_mb differ
-    assert size(to_store(shared)) == size(to_store(separate))

@@ -15,7 +15,7 @@ from kdrun.models import build_model
 from kdrun.training.loop import Stage, fit
 from kdrun.training.optim import build_optimizer
 from kdrun.training.predict import predict
-from kdrun.training.runtime import CompiledOrEager, Runtime, resolve_runtime
+from kdrun.training.runtime import CompiledOrEager, Runtime, determinism_errors, resolve_runtime
 from kdrun.training.teacher import OnlineTeacher, TeacherSource
 
 SGD = OmegaConf.create({"name": "sgd", "momentum": 0.9})
@@ -133,3 +133,59 @@ def test_optimizers_without_a_fused_kernel_are_built_plainly():
     assert isinstance(build_optimizer(rmsprop, params, 0.1), torch.optim.RMSprop)
     integer = [torch.zeros(3, dtype=torch.int64)]  # no fused kernel for these: the plain implementation
     assert not build_optimizer(OmegaConf.create({"name": "sgd"}), integer, 0.1).defaults.get("fused")
+
+
+@pytest.fixture
+def determinism_restored():
+    yield
+    resolve_runtime("cpu", "off", False, deterministic=False)  # the process-wide flags as every other test has them
+
+
+def test_deterministic_sets_torch_flags_and_a_later_run_unsets_them(monkeypatch, determinism_restored):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert resolve_runtime("cpu", "off", False, deterministic=True).deterministic
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark
+    assert kdrun.training.runtime.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own deterministic setting is kept
+    resolve_runtime("cpu", "off", False, deterministic=True)
+    assert kdrun.training.runtime.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert not resolve_runtime("cpu", "off", False).deterministic
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_an_op_without_a_deterministic_implementation_is_one_line_naming_it(determinism_restored):
+    resolve_runtime("cpu", "off", False, deterministic=True)
+    index, values = torch.tensor([0, 1]), torch.ones(2)
+    with pytest.raises(KdrunError) as e, determinism_errors(True):
+        torch.zeros(5).put_(index, values)  # no deterministic CPU kernel in PyTorch (accumulate=False)
+    assert str(e.value) == (
+        "deterministic=true: put_ has no deterministic implementation on this device; deterministic=false allows it"
+    )
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as other, determinism_errors(True):
+        torch.zeros(2, 3) @ torch.zeros(2, 3)  # any other error passes through as it was
+    assert not isinstance(other.value, KdrunError)
+    resolve_runtime("cpu", "off", False, deterministic=False)
+    with determinism_errors(False):
+        torch.zeros(5).put_(index, values)  # allowed again
+
+
+class PutNet(torch.nn.Module):
+    """A user model whose forward uses an op without a deterministic CPU kernel."""
+
+    def __init__(self, num_classes: int, **options):
+        super().__init__()
+        self.fc = torch.nn.LazyLinear(num_classes)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        return out.put_(torch.tensor([0]), torch.zeros(1))
+
+
+def test_the_run_says_which_op_deterministic_true_refused(tmp_path, determinism_restored):
+    from kdrun.pipeline.run import run
+    from tests.unit.test_engine import config
+
+    cfg = config("deterministic=true", "cache=off", f"+student._target_={__name__}.PutNet")
+    with pytest.raises(KdrunError, match=r"^deterministic=true: put_ has no deterministic implementation on this"):
+        run(cfg, tmp_path)  # in the pre-training checks' forward pass, not mistaken for an image-size problem

@@ -2,6 +2,7 @@
 
 import json
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_module
@@ -92,7 +93,7 @@ def test_pipeline_caches_logits_once_for_a_sweep_and_matches_online(tmp_path):
     assert results["online"]["teacher_logits"] == "online"
     entries = list((tmp_path / "cache" / "teacher_logits").glob("[0-9a-f]*[0-9a-f]"))
     assert len(entries) == 1
-    stored = torch.load(entries[0] / "model.pt", weights_only=True)
+    stored = safetensors.torch.load_file(entries[0] / "model.safetensors")  # tensors only, no pickle
     assert stored["logits"].shape == (100, 10)  # the student's 100 labelled images (digits default)
     # the default experiment with cached logits trains the very same student as with the online teacher
     cfg = config(*quick, f"cache.dir={tmp_path / 'cache'}")
