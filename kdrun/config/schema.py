@@ -73,6 +73,9 @@ RUN: dict[str, Any] = {
     "cache.dir": Annotated[str, NonEmpty()],
     "teacher.checkpoint": Annotated[str, NonEmpty()] | None,
     "sched.warmup_epochs": WarmupEpochs,
+    "search.storage": Annotated[str, NonEmpty()] | None,
+    "search.study": Annotated[str, NonEmpty()] | None,
+    "search.trial": NonNegativeInt | None,
 }
 GROUP_ROOTS = ("dataset", "teacher", "student", "loss", "optim", "sched", "augment")
 

@@ -29,7 +29,7 @@ from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
 from kdrun.pipeline.history import logged_epochs, replay, stored_history, to_store
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.health import Chance, advice, assess
-from kdrun.training.loop import Stage, fit
+from kdrun.training.loop import EpochHook, FitResult, Stage, fit
 from kdrun.training.predict import evaluate, predict, with_state
 from kdrun.training.runtime import Runtime
 from kdrun.training.teacher import CachedLogits, OnlineTeacher, TeacherSource
@@ -49,6 +49,7 @@ class RunContext:
     run_dir: Path
     writer: Any = None  # TensorBoard SummaryWriter (rank 0 only)
     cache: ArtefactCache | None = None
+    student_epoch_end: EpochHook | None = None  # the distilled student's epoch-end hook (a search trial's pruner)
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         return evaluate(model, getattr(self.data, split), self.data, self.runtime, self.cfg.train.eval_batch_size)
@@ -335,6 +336,7 @@ def train_stage(
         mix=mix,
         state_path=state_path(ctx.run_dir, name),
         writer=ctx.writer,
+        on_epoch_end=ctx.student_epoch_end if stage == "student" else None,
     )
     result = fit(plan, model, objective, data, teacher, ctx.runtime)
     best = with_state(result.model, result.best_state)
@@ -361,8 +363,16 @@ def train_stage(
         "img_per_s": result.img_per_s,
         "peak_mem_mb": result.peak_mem_mb,
         "nonfinite_steps": result.nonfinite_steps,
-        **health_flags(name, result.history, result.nonfinite_steps, data),
+        **outcome_flags(name, result, data),
     }
+
+
+def outcome_flags(name: str, result: FitResult, data: Data) -> dict[str, Any]:
+    """``stopped_epoch`` of a stage cut short by its epoch-end hook (a search trial's pruner), which the health rules
+    do not judge (they judge a whole training); else the stage's health flags."""
+    if result.stopped_epoch is not None:
+        return {"stopped_epoch": result.stopped_epoch}
+    return health_flags(name, result.history, result.nonfinite_steps, data)
 
 
 def health_flags(name: str, history: list[dict[str, float]], nonfinite_steps: int, data: Data) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from kdrun.reporting.sweep import (
 )
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA = "hydra_plugins.kdrun_optuna_sweeper.kdrun_optuna_sweeper.KdrunOptunaSweeper"
 DEFAULTS = {"T": 4.0, "alpha": 0.2, "seed": 0, "baseline": True}
 GROUPS = ("dataset", "teacher", "student")
 
