@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
@@ -178,29 +178,32 @@ def search_space(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def distribution(override: Override) -> Any:
-    """``interval(a, b)`` (``tag(log, ...)`` for a log scale; int bounds: integers), ``range(start, stop, step)``
-    (Python's: ``stop`` excluded) and ``choice(...)`` or ``shuffle(range(...))`` (categorical) as Optuna's."""
+    """``interval(a, b)`` (floats; ``tag(log, interval(a, b))`` on a log scale), ``range(start, stop, step)``
+    (Python's: ``stop`` excluded; integers stay integers), ``choice(...)`` and ``shuffle(...)`` (categorical) as
+    Optuna's distributions."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     key, value = override.get_key_element(), override.value()
     try:
         if isinstance(value, IntervalSweep):
-            log_scale = "log" in value.tags
-            ints = isinstance(value.start, int) and isinstance(value.end, int)
-            kind = IntDistribution if ints else FloatDistribution
-            return kind(value.start, value.end, log=log_scale)  # type: ignore[arg-type]
-        if isinstance(value, RangeSweep) and not value.shuffle:
-            points = [p for p in override.sweep_iterator() if isinstance(p, (int, float))]
+            return FloatDistribution(float(value.start or 0), float(value.end or 0), log="log" in value.tags)
+        if isinstance(value, RangeSweep):
+            points = sorted(p for p in override.sweep_iterator() if isinstance(p, (int, float)))  # un-shuffled
             if not points:
                 raise ValueError("the range is empty")
-            low, high, step = min(points), max(points), abs(value.step or 1)
+            if value.shuffle:
+                return CategoricalDistribution(points)
+            low, high, step = points[0], points[-1], abs(value.step or 1)
             if all(isinstance(p, int) for p in points):
                 return IntDistribution(int(low), int(high), step=int(step))
             return FloatDistribution(float(low), float(high), step=float(step))
-        choices: Any = list(override.sweep_iterator(transformer=Transformer.encode))
-        return CategoricalDistribution(choices)
+        if isinstance(value, ChoiceSweep):
+            choices: Any = [Transformer.encode(x) for x in value.list]  # in the order given, shuffled or not
+            return CategoricalDistribution(choices)
+        raise ValueError(f"{type(value).__name__} is not supported: use interval, range or choice")
     except (ValueError, TypeError, HydraException) as e:
-        raise KdrunError(f"hydra.sweeper.params: {key}={override.get_value_element_as_str()} is invalid: {e}") from e
+        line = override.input_line or key
+        raise KdrunError(f"hydra.sweeper.params: {line} is invalid: {str(e).strip().splitlines()[0]}") from e
 
 
 def trial_overrides(trial: Any, fixed: list[str], storage: str, study: str) -> list[str]:
