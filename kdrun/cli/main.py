@@ -79,12 +79,27 @@ def expand_resume(argv: list[str]) -> list[str]:
     return [*overrides, f"hydra.run.dir={run_dir}"]
 
 
+def register_plugins() -> None:
+    """Register kdrun's Hydra plugin (the kdrun_optuna sweeper) with Hydra.
+
+    Hydra finds plugins by listing the ``hydra_plugins`` namespace package, which an editable install (PEP 660, as
+    ``pip install -e .`` makes) hides from the listing while the module stays importable; registering it here works
+    for every kind of install (registering a plugin Hydra found already changes nothing).
+    """
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.kdrun_optuna_sweeper.kdrun_optuna_sweeper import KdrunOptunaSweeper
+
+    Plugins.instance().register(KdrunOptunaSweeper)
+
+
 def main() -> None:
     """Console entry point. Errors in the user's input become one line on stderr and exit code 2."""
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us instead of printing them itself
     try:
         sys.argv[1:] = expand_resume(sys.argv[1:])
+        register_plugins()
         if distributed.init_from_env().world > 1:  # started by torchrun: one run, several processes
             sys.argv[1:] = distributed.hydra_overrides(sys.argv[1:])
         hydra_main()

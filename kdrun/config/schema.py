@@ -78,6 +78,9 @@ RUN: dict[str, Any] = {
     "teacher.checkpoint": Annotated[str, NonEmpty()] | None,
     "teacher.checkpoint_format": CheckpointFormat,
     "sched.warmup_epochs": WarmupEpochs,
+    "search.storage": Annotated[str, NonEmpty()] | None,
+    "search.study": Annotated[str, NonEmpty()] | None,
+    "search.trial": NonNegativeInt | None,
 }
 GROUP_ROOTS = ("dataset", "teacher", "student", "loss", "optim", "sched", "augment")
 

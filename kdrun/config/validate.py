@@ -103,8 +103,22 @@ def _check_semantics(cfg: DictConfig) -> None:
         raise KdrunError(f"teacher.checkpoint={checkpoint} is not a file")
     check_formats(cfg.export)
     build_objective(cfg.loss, cfg.T, cfg.alpha)  # layer lists and the like, before any training
+    _check_search(cfg.get("search"))
     if cfg.cache.enabled:
         _writable_folder("cache.dir", cfg.cache.dir)
+
+
+def _check_search(search: Any) -> None:
+    """A search trial's keys come together (the kdrun_optuna sweeper sets all three) or not at all."""
+    if search is None:
+        return
+    keys = ("storage", "study", "trial")
+    unset = [f"search.{k}" for k in keys if search.get(k) is None]
+    if unset and len(unset) < len(keys):
+        raise KdrunError(
+            f"{', '.join(unset)} not set while the other search keys are: the kdrun_optuna sweeper sets "
+            "search.storage, search.study and search.trial together; leave all three null outside a search"
+        )
 
 
 def _writable_folder(key: str, path: Any) -> None:

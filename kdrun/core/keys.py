@@ -41,6 +41,11 @@ ROLES: dict[str, Role] = {
     "teacher.checkpoint_format": Role(identifies=False, names_run=False),  # how the hashed file is read
     "cache": Role(names_run=False),
     "hparams_search": Role(names_run=False),
+    # An Optuna trial's identity, set per job by the kdrun_optuna sweeper: where the job reports, not what it trains
+    # (the sweeper names the job's folder after the trial number itself).
+    "search.storage": WHERE,
+    "search.study": WHERE,
+    "search.trial": WHERE,
 }
 ROOT_IS_THE_DATA = {"imagefolder"}
 # How kdrun.data estimates a folder dataset's normalisation; models trained under another estimate are other models.

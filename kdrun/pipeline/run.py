@@ -24,6 +24,7 @@ from kdrun.pipeline.parallel import job_device
 from kdrun.pipeline.preflight import preflight
 from kdrun.pipeline.rundir import prepare_run_dir
 from kdrun.pipeline.stages import RunContext, baseline_stage, student_stage, teacher_stage
+from kdrun.pipeline.trial import trial_hook
 from kdrun.reporting.evaluation import evaluate_models
 from kdrun.reporting.export import check_formats, export_student
 from kdrun.reporting.report import assemble, summary_table, write_hparams, write_report
@@ -53,8 +54,9 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
     _log_setup(data, runtime)
     preflight(cfg, data)  # what needs the data or the models, before any training
     cache = ArtefactCache(cfg.cache.dir) if cfg.cache.enabled else None
+    hook = trial_hook(cfg.get("search"), run_dir)  # None unless this run is a trial of an Optuna search
     writer = SummaryWriter(str(run_dir / "tb")) if main else None
-    ctx = RunContext(cfg, data, runtime, run_dir, writer, cache)
+    ctx = RunContext(cfg, data, runtime, run_dir, writer, cache, hook)
     stages: dict[str, dict[str, Any]] = {}
     try:
         teacher, stages["teacher"] = teacher_stage(ctx)

@@ -37,7 +37,7 @@ from kdrun.pipeline.cache import TRAINING_CODE_VERSION, ArtefactCache, cache_key
 from kdrun.pipeline.history import logged_epochs, replay, stored_history
 from kdrun.pipeline.rundir import finished_stage, record_stage, state_path
 from kdrun.training.health import Chance, advice, assess
-from kdrun.training.loop import FitResult, Stage, fit
+from kdrun.training.loop import EpochHook, FitResult, Stage, fit
 from kdrun.training.predict import evaluate, predict, with_state
 from kdrun.training.runtime import Runtime
 from kdrun.training.teacher import CachedLogits, OnlineTeacher, TeacherSource
@@ -57,6 +57,7 @@ class RunContext:
     run_dir: Path
     writer: Any = None  # TensorBoard SummaryWriter (rank 0 only)
     cache: ArtefactCache | None = None
+    student_epoch_end: EpochHook | None = None  # the distilled student's epoch-end hook (a search trial's pruner)
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         return evaluate(model, getattr(self.data, split), self.data, self.runtime, self.cfg.train.eval_batch_size)
@@ -346,6 +347,7 @@ def train_stage(
         mix=mix,
         state_path=state_path(ctx.run_dir, name),
         writer=ctx.writer,
+        on_epoch_end=ctx.student_epoch_end if stage == "student" else None,
     )
     result, init = fit_with_init(ctx, plan, model, objective, teacher, data)
     best = with_state(result.model, result.best_state)
@@ -372,7 +374,7 @@ def train_stage(
         "img_per_s": result.img_per_s,
         "peak_mem_mb": result.peak_mem_mb,
         "nonfinite_steps": result.nonfinite_steps,
-        **health_flags(name, result.history, result.nonfinite_steps, data),
+        **outcome_flags(name, result, data),
         **init,
     }
 
@@ -403,6 +405,7 @@ def init_phase(
         lr=lr,
         sched=OmegaConf.create({"name": "none"}),
         state_path=state_path(ctx.run_dir, f"{plan.name}_init"),
+        on_epoch_end=None,  # the search's per-epoch reports (pruning) follow distillation, not this phase
     )
     log.info("%s: init phase, %d epochs at lr %g: %s", plan.name, stage.epochs, lr, phase.describe())
     kept = None if objective.init_trains_student else {k: v.clone() for k, v in model.state_dict().items()}
@@ -419,6 +422,14 @@ def init_phase(
             "train_time_s": result.train_time_s,
         }
     }
+
+
+def outcome_flags(name: str, result: FitResult, data: Data) -> dict[str, Any]:
+    """``stopped_epoch`` of a stage cut short by its epoch-end hook (a search trial's pruner), which the health rules
+    do not judge (they judge a whole training); else the stage's health flags."""
+    if result.stopped_epoch is not None:
+        return {"stopped_epoch": result.stopped_epoch}
+    return health_flags(name, result.history, result.nonfinite_steps, data)
 
 
 def health_flags(name: str, history: list[dict[str, float]], nonfinite_steps: int, data: Data) -> dict[str, Any]:

@@ -25,10 +25,12 @@ HATCH = "///"  # over a cell whose runs include a flagged (collapsed or diverged
 
 @dataclass(frozen=True)
 class Marks:
-    """What the colours do not say: points whose jobs failed, and points with a flagged student (-> its note)."""
+    """What the colours do not say: points whose jobs failed, points with a flagged student (-> its note), and
+    points whose only jobs a search's pruner stopped early."""
 
     failed: Collection[Point] = ()
     flagged: Mapping[Point, str] = field(default_factory=dict)
+    pruned: Collection[Point] = ()
 
 
 def plot_kind(values: Mapping[Point, float | None]) -> str:
@@ -92,7 +94,7 @@ def _heatmap(ax, values, marks: Marks, norm, Ts: list[float], alphas: list[float
         for j, t in enumerate(Ts):
             value = values.get((t, a))
             if value is None:
-                text, color = ("failed" if (t, a) in marks.failed else "—"), "black"
+                text, color = _no_result(marks, (t, a)), "black"
             else:
                 text = f"{100 * value:.2f}%\n{100 * (value - norm.vcenter):+.2f}"
                 color = "white" if abs(norm(value) - 0.5) > 0.4 else "black"
@@ -111,10 +113,13 @@ def _scatter(ax, values, marks: Marks, norm) -> None:
     if done:
         T, alpha, acc = zip(*done, strict=True)
         ax.scatter(T, alpha, c=acc, cmap=CMAP, norm=norm, s=60, edgecolors="black", linewidths=0.5)
-    for marker, name, points in (
-        ("x", "failed", [p for p, v in values.items() if v is None and p in marks.failed]),
-        ("o", "no result", [p for p, v in values.items() if v is None and p not in marks.failed]),
+    missing = [p for p, v in values.items() if v is None]
+    for marker, name, why in (
+        ("x", "failed", "failed"),
+        ("v", "pruned (stopped early)", "pruned"),
+        ("o", "no result", "—"),
     ):
+        points = [p for p in missing if _no_result(marks, p) == why]
         if points:
             ax.scatter(*zip(*points, strict=True), marker=marker, s=50, label=name, color=MISSING)
     if marks.flagged:
@@ -123,3 +128,10 @@ def _scatter(ax, values, marks: Marks, norm) -> None:
                    hatch=HATCH, label="flagged student (collapsed or diverged)")  # fmt: skip
     if len(done) < len(values) or marks.flagged:
         ax.legend(fontsize=8)
+
+
+def _no_result(marks: Marks, point: Point) -> str:
+    """Why a point has no value: ``failed``, ``pruned`` or ``—`` (not run yet, or unfinished)."""
+    if point in marks.failed:
+        return "failed"
+    return "pruned" if point in marks.pruned else "—"

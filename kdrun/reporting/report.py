@@ -23,6 +23,8 @@ def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[
 
     With ``config["test_images"]`` (n) each stage also gets ``test_acc_ci95``, and with a baseline the run gets
     ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not ahead beyond noise).
+    A student that a search's pruner stopped early makes the run ``pruned`` (and gives its ``pruned_epoch``): its
+    numbers are those of the epochs it trained.
     """
     metrics: dict[str, Any] = {"config": config}
     metrics.update({name: dict(stages[name]) for name in STAGES if name in stages})
@@ -34,6 +36,8 @@ def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[
     if "baseline" in stages and "student" in stages:
         metrics["kd_gain"] = stages["student"]["test_acc"] - stages["baseline"]["test_acc"]
     metrics["objective"] = stages["student"]["val_acc_best"]
+    if stages["student"].get("stopped_epoch") is not None:  # only a search trial's pruner stops the student early
+        metrics.update(pruned=True, pruned_epoch=stages["student"]["stopped_epoch"])
     if "baseline" in stages and "teacher" in stages:
         metrics.update(teacher_lead(stages["teacher"]["test_acc"], stages["baseline"]["test_acc"], n))
     return metrics
@@ -148,7 +152,18 @@ def summary_table(metrics: dict[str, Any]) -> str:
         lines.append(f"teacher lead (teacher - baseline test acc, last epoch): {lead_line(metrics)}")
     if "teacher_lead_warning" in metrics:
         lines.append(f"WARNING: {metrics['teacher_lead_warning']}")
+    if metrics.get("pruned"):
+        lines.append(pruned_line(metrics))
     return "\n".join(lines)
+
+
+def pruned_line(metrics: dict[str, Any]) -> str:
+    """What a pruned run's numbers are."""
+    epochs = metrics["student"].get("epochs")
+    return (
+        f"pruned: the search's pruner stopped the distilled student after epoch {metrics['pruned_epoch']} of {epochs}; "
+        "its numbers are those of the epochs it trained"
+    )
 
 
 def _num(x: float | int | None, fmt: str) -> str:
@@ -259,6 +274,8 @@ def _gain_lines(metrics: dict[str, Any]) -> list[str]:
         lines += ["", f"**Teacher lead** (teacher - baseline test accuracy, last epoch): {lead_line(metrics)}."]
     if "teacher_lead_warning" in metrics:
         lines += ["", f"> **Warning:** {metrics['teacher_lead_warning']}."]
+    if metrics.get("pruned"):
+        lines += ["", f"> **{pruned_line(metrics).capitalize()}.**"]
     return lines
 
 

@@ -26,12 +26,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core.errors import KdrunError
-from kdrun.core.keys import model_identity
+from kdrun.core.keys import model_identity, role
 from kdrun.reporting.heatmap import Marks, Point, plot_grid
 from kdrun.reporting.stats import MeanInterval, t_interval
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-STATUSES = ("ok", "failed", "incomplete", "pending")
+STATUSES = ("ok", "pruned", "failed", "incomplete", "pending")  # pruned: an Optuna pruner stopped its student early
 METRIC_GROUPS = ("config", "teacher", "baseline", "student")  # column order of summary.csv; top-level keys last
 GRID_AXES = ("T", "alpha", "seed")  # every other swept key gets its own heatmaps
 FLAGS = ("collapsed", "diverged")  # a stage's metrics.json entry holds ``<flag>: true`` and ``flag_reason``
@@ -101,7 +101,7 @@ def sweep_dir_problem(path: Path) -> str | None:
 def swept_keys(jobs: list[Job], multirun: DictConfig | None) -> list[str]:
     """The sweep's override keys in command-line order, then any other override key whose value differs between jobs."""
     declared = list(dict.fromkeys(o.key_or_group for o in _sweep_overrides(multirun) if o.is_sweep_override()))
-    seen = {key for job in jobs for key in job.params}
+    seen = {key for job in jobs for key in job.params if role(key).names_run}  # not a search trial's number
     differing = sorted(k for k in seen - set(declared) if len({job.params.get(k) for job in jobs}) > 1)
     return declared + differing
 
@@ -173,10 +173,12 @@ def job_flags(job: Job) -> list[tuple[str, str, str]]:
 
 def summary_markdown(sweep_dir: Path, jobs: list[Job], keys: list[str], heatmaps: list[Path]) -> str:
     """Counts, the teachers and baselines, one row per swept point (seeds pooled), then the jobs without results."""
-    counts = ", ".join(f"{sum(job.status == s for job in jobs)} {s}" for s in STATUSES)
+    counted = {s: sum(job.status == s for job in jobs) for s in STATUSES}
+    counts = ", ".join(f"{n} {s}" for s, n in counted.items() if n or s != "pruned")
     lines = [f"# Sweep summary: {sweep_dir}", "", f"{len(jobs)} jobs: {counts}", ""]
     lines += _reference_lines(jobs) + [""] + _results_table(jobs, [k for k in keys if k != "seed"])
     for status, heading in (
+        ("pruned", "Pruned jobs (the search's pruner stopped the student early; not in the table's numbers)"),
         ("failed", "Failed jobs"),
         ("incomplete", "Incomplete jobs (still running or killed)"),
         ("pending", "Pending jobs (not started)"),
@@ -199,6 +201,18 @@ def grid_values(jobs: list[Job], metric: str) -> tuple[dict[Point, float | None]
     values = {point: _mean_metric(group, metric) for point, group in points.items()}
     failed = {p for p, group in points.items() if values[p] is None and any(job.status == "failed" for job in group)}
     return values, failed
+
+
+def grid_pruned(jobs: list[Job], values: dict[Point, float | None]) -> set[Point]:
+    """The (T, alpha) points without a result whose jobs include a pruned one."""
+    return {
+        (job.T, job.alpha)
+        for job in jobs
+        if job.status == "pruned"
+        and job.T is not None
+        and job.alpha is not None
+        and values.get((job.T, job.alpha)) is None
+    }
 
 
 def grid_flags(jobs: list[Job]) -> dict[Point, str]:
@@ -242,7 +256,7 @@ def write_heatmaps(sweep_dir: Path, jobs: list[Job], keys: list[str]) -> list[Pa
             center, how = colour_centre(group, reference, values)
             title = f"distilled student {what}" + (f" ({label})" if label else "") + f"\n{how}"
             path = sweep_dir / f"heatmap_{name}{suffix}.png"
-            marks = Marks(failed, grid_flags(group))
+            marks = Marks(failed, grid_flags(group), grid_pruned(group, values))
             written.append(plot_grid(values, marks, center, title, path, label=f"student {what}"))
     return written
 
@@ -325,7 +339,7 @@ def _outcome(job_dir: Path) -> tuple[str, str, dict[str, Any]]:
         except (OSError, ValueError) as e:
             return "failed", f"unreadable {name}: {e}", {}
         if name == "metrics.json":
-            return "ok", "", _flatten(content)
+            return "pruned" if content.get("pruned") else "ok", "", _flatten(content)
         return "failed", str(content.get("error", "")), {}
     return "incomplete", "", {}
 
@@ -395,7 +409,7 @@ def _reference_lines(jobs: list[Job]) -> list[str]:
         distinct: dict[Any, dict[str, Any]] = {}
         for job in jobs:
             m = job.metrics
-            if job.status == "ok" and f"{stage}.test_acc" in m:
+            if job.status in ("ok", "pruned") and f"{stage}.test_acc" in m:  # pruning stops the student only
                 # Without an identity each seed's model is its own.
                 identity = model_identity(m, f"{stage}.") or (
                     m.get(f"{stage}.model"),
@@ -434,7 +448,7 @@ def _results_table(jobs: list[Job], axes: list[str]) -> list[str]:
                 _mean_std(_ok_values(ok, "student.test_acc")),
                 _mean_std(_ok_values(ok, "kd_gain"), signed=True),
                 _interval_cell(gain),
-                "; ".join(_row_notes(ok, gain)),
+                "; ".join(_row_notes(ok, gain) + _pruned_notes(group)),
                 _group_status(group),
             ]
         )
@@ -461,17 +475,29 @@ def _row_notes(ok: list[Job], gain: MeanInterval) -> list[str]:
     return notes
 
 
+def _pruned_notes(group: list[Job]) -> list[str]:
+    """A row's pruned runs: where one stopped and what it had reached, or how many of the row's runs were pruned."""
+    pruned = [job for job in group if job.status == "pruned"]
+    if len(pruned) == 1:
+        m = pruned[0].metrics
+        reached = f" (val acc {100 * m['objective']:.2f}% by then)" if m.get("objective") is not None else ""
+        return [f"**pruned** after epoch {m.get('pruned_epoch')}{reached}"]
+    return [f"**{len(pruned)} of {len(group)} runs pruned**"] if pruned else []
+
+
 def _short(value: str) -> str:
     """A swept value for the table: a long float (from a continuous search) to 4 significant digits."""
     number = _number(value)
     return f"{number:.4g}" if number is not None and "." in value and len(value) > 6 else value
 
 
-def _rank(group: list[Job]) -> tuple[int, float]:
+def _rank(group: list[Job]) -> tuple[int, int, float]:
+    """Rows with results by objective, then by status (pruned ones by the objective they reached)."""
     objective = _mean_metric(group, "objective")
     if objective is not None:
-        return 0, -objective
-    return 1, min(STATUSES.index(job.status) for job in group)
+        return 0, 0, -objective
+    reached = [job.metrics.get("objective") or 0.0 for job in group if job.status == "pruned"]
+    return 1, min(STATUSES.index(job.status) for job in group), -max(reached, default=0.0)
 
 
 def _group_status(group: list[Job]) -> str:
@@ -500,7 +526,12 @@ def _flag_lines(jobs: list[Job]) -> list[str]:
 def _job_line(job: Job) -> str:
     where = f" in `{job.name}`" if job.dir else ""
     error = f": {job.error}" if job.error else ""
-    return f"- `{' '.join(job.overrides)}`{where}{error}"
+    if job.status == "pruned":
+        m = job.metrics
+        error = f": pruned after epoch {m.get('pruned_epoch')} of {m.get('student.epochs')}, best val acc by then "
+        error += f"{_mean_std([m['objective']])}%" if m.get("objective") is not None else "–"
+    shown = [o for o in job.overrides if not o.startswith("search.")]  # a trial's identity: its folder names it
+    return f"- `{' '.join(shown)}`{where}{error}"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from kdrun.training.teacher import TeacherSource
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 50  # steps between host reads of the non-finite count (and at every epoch's end)
+EpochHook = Callable[[int, dict[str, float]], bool]  # (epoch, its history row) -> whether to stop after it
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Stage:
     mix: Any = None  # a ``kdrun.data.augment`` mix: each batch and its labels mixed; the teacher sees them mixed
     state_path: Path | None = None  # the training state is saved there after every epoch, and resumed from
     writer: Any = None  # a TensorBoard SummaryWriter
+    # Called after each epoch (validated, state saved) with the epoch and its history row; True stops the stage
+    # there, e.g. a search trial's pruner. It runs on every rank and must return the same on each.
+    on_epoch_end: EpochHook | None = None
 
 
 @dataclass
@@ -71,6 +75,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     peak_mem_mb: float | None = None  # the highest of the epochs' peaks (see ``peak_memory_mb``)
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss
+    stopped_epoch: int | None = None  # the epoch after which ``Stage.on_epoch_end`` stopped the stage, if it did
 
 
 def fit(
@@ -83,6 +88,7 @@ def fit(
     is saved after every epoch and resumed from: the result is the same as without the interruption. A step whose
     loss is not finite makes no update (the schedule still advances, as with AMP's skipped steps); more than
     ``max_nonfinite_steps`` of them stop the stage with an error. SIGINT and SIGTERM stop it at a step boundary.
+    ``stage.on_epoch_end`` may end the stage after any epoch: the result is then that of the epochs trained.
     """
     return Trainer(stage, model, objective, data, teacher, runtime).fit()
 
@@ -123,6 +129,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         stage, st, device = self.stage, self.st, self.runtime.device
+        stopped = None
         for epoch in range(st.progress.epoch + 1, stage.epochs + 1):
             st.model.train()
             st.objective.set_epoch(epoch)
@@ -132,12 +139,18 @@ class Trainer:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.end_epoch(epoch, sums, time.perf_counter() - started)
+            if stage.on_epoch_end is not None and stage.on_epoch_end(epoch, st.progress.history[-1]):
+                log.info("%s: stopped after epoch %d/%d by its epoch-end hook", stage.name, epoch, stage.epochs)
+                stopped = epoch
+                break
         p = st.progress
         assert p.best_state is not None
         throughput = p.images_seen / p.train_time if p.train_time > 0 else 0.0
         peak = max(row["peak_mem_mb"] for row in p.history)
         return FitResult(
-            st.model, p.best_state, p.best_epoch, p.best_acc, p.train_time, throughput, p.history, peak, p.nonfinite
+            *(st.model, p.best_state, p.best_epoch, p.best_acc, p.train_time, throughput, p.history, peak),
+            nonfinite_steps=p.nonfinite,
+            stopped_epoch=stopped,
         )
 
     def train_epoch(self, epoch: int) -> dict[str, torch.Tensor]:

@@ -137,14 +137,55 @@ def test_optuna_search_maximises_validation_accuracy_and_resumes(tmp_path):
     search = ["hparams_search=optuna_T_alpha", f"hydra.sweeper.storage={storage}"]
     result, first = sweep(tmp_path, "optuna1", *search, "hydra.sweeper.n_trials=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    result, _ = sweep(tmp_path, "optuna2", *search, "hydra.sweeper.n_trials=1")
+    result, again = sweep(tmp_path, "optuna2", *search, "hydra.sweeper.n_trials=1")
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="kd_T_alpha", storage=storage)
-    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len(study.trials) == 3 and all(t.state.name == "COMPLETE" for t in study.trials)  # 2, then 1 more
     assert study.direction.name == "MAXIMIZE"
-    by_T = {read_metrics(job)["config"]["T"]: read_metrics(job) for job in job_dirs(first)}
-    for trial in study.trials[:2]:
+    assert [j.name.split(",")[0] for j in job_dirs(first) + job_dirs(again)] == ["trial_0", "trial_1", "trial_2"]
+    assert len({t.params["T"] for t in study.trials}) == 3  # the resumed search did not draw trial 0's point again
+    for trial in study.trials:
+        (job,) = [j for j in job_dirs(first) + job_dirs(again) if j.name.startswith(f"trial_{trial.number},")]
+        metrics = read_metrics(job)
         assert 1 <= trial.params["T"] <= 10 and 0 <= trial.params["alpha"] <= 1
-        (metrics,) = [m for t, m in by_T.items() if t == pytest.approx(trial.params["T"])]
-        assert trial.value == pytest.approx(metrics["student"]["val_acc_best"])
+        assert metrics["config"]["T"] == pytest.approx(trial.params["T"])
+        assert trial.value == pytest.approx(metrics["student"]["val_acc_best"]) == metrics["objective"]
+        assert trial.intermediate_values == {1: pytest.approx(metrics["student"]["val_acc_best"])}  # 1 epoch
+        assert trial.user_attrs["kdrun.run_dir"] == str(job) and "pruned" not in metrics
     assert len(summary_rows(first)) == 2
+    results = (first / "optimization_results.yaml").read_text()
+    assert "best_value" in results and "complete: 2" in results
+
+
+def test_optuna_pruner_stops_trials_run_by_parallel_jobs(tmp_path):
+    optuna = pytest.importorskip("optuna", reason="the optuna extra is not installed: pip install -e '.[optuna]'")
+    storage = f"sqlite:///{tmp_path / 'studies' / 'kd.db'}"
+    args = [
+        *("-m", "train.teacher.epochs=1", "train.student.epochs=3", "train.progress=false"),
+        *("hparams_search=optuna_T_alpha", f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=2"),
+        # a real Optuna pruner that stops every trial at its 2nd epoch: no validation accuracy reaches 1.01
+        *("hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.lower=1.01", "hydra.sweeper.pruner.n_warmup_steps=2"),
+        *("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'pruned'}"),
+    ]
+    result = run_kdrun(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = job_dirs(tmp_path / "pruned")
+    logs = "".join((j / "kdrun.log").read_text() for j in jobs)
+    assert "2 jobs run at once" in logs  # two processes, each opening its trial from the storage
+    study = optuna.load_study(study_name="kd_T_alpha", storage=storage)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    for trial in study.trials:
+        (job,) = [j for j in jobs if j.name.startswith(f"trial_{trial.number},")]
+        metrics = read_metrics(job)
+        assert metrics["pruned"] is True and metrics["pruned_epoch"] == 2 and metrics["student"]["stopped_epoch"] == 2
+        acc = EventAccumulator(str(job / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        logged = {e.step: e.value for e in acc.Scalars("student/val/acc")}
+        assert trial.intermediate_values == pytest.approx(logged) and set(logged) == {1, 2}
+        assert trial.value == pytest.approx(logged[2])  # Optuna keeps a pruned trial's last report
+        assert (job / "student.pt").is_file() and "search." not in job.name
+    rows = summary_rows(tmp_path / "pruned")
+    assert [r["status"] for r in rows] == ["pruned", "pruned"] and {r["pruned_epoch"] for r in rows} == {"2"}
+    md = (tmp_path / "pruned" / "summary.md").read_text()
+    assert "2 jobs: 0 ok, 2 pruned, 0 failed" in md and md.count("**pruned** after epoch 2") == 2
+    assert "no trial of study kd_T_alpha has completed yet" in result.stderr + result.stdout

@@ -18,13 +18,14 @@ from kdrun.reporting.sweep import (
     collect_jobs,
     colour_centre,
     grid_flags,
+    grid_pruned,
     grid_values,
     main,
     write_summary,
 )
 
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA = "hydra_plugins.kdrun_optuna_sweeper.kdrun_optuna_sweeper.KdrunOptunaSweeper"
 DEFAULTS = {"T": 4.0, "alpha": 0.2, "seed": 0, "baseline": True}
 GROUPS = ("dataset", "teacher", "student")
 
@@ -426,3 +427,45 @@ def test_teacher_lead_warning_reaches_the_summary(tmp_path):
     md = (sweep / "summary.md").read_text()
     assert "teacher no better than baseline (1 of 2 runs)" in table_rows(md)[0][5]
     assert f"- {warning} (1 job)" in md.split("## Teacher no better than the baseline")[1]
+
+
+def test_pruned_trials_are_shown_as_pruned_and_kept_out_of_the_numbers(tmp_path):
+    params = {"T": "interval(1.0, 10.0)", "alpha": "interval(0.0, 1.0)"}
+    sweep = make_sweep(tmp_path / "sweep", ["hparams_search=optuna_T_alpha"], sweeper=OPTUNA, params=params)
+    jobs = {}
+    for trial, (T, alpha, acc) in enumerate([(2.5, 0.3, 0.96), (7.5, 0.8, 0.40), (4.0, 0.5, 0.97)]):
+        overrides = ["hparams_search=optuna_T_alpha", f"T={T}", f"alpha={alpha}", f"search.trial={trial}"]
+        jobs[trial] = add_job(sweep, overrides, acc, name=f"trial_{trial},T={T},alpha={alpha}")
+    edit_metrics(jobs[1], pruned=True, pruned_epoch=3, student={"epochs": 10, "stopped_epoch": 3})
+
+    written = write_summary(sweep)
+
+    assert [job.status for job in collect_jobs(sweep)] == ["ok", "pruned", "ok"]
+    rows = {r["job"]: r for r in read_csv(sweep)}
+    pruned = rows["trial_1,T=7.5,alpha=0.8"]
+    assert pruned["status"] == "pruned" and pruned["pruned_epoch"] == "3" and pruned["student.stopped_epoch"] == "3"
+    assert pruned["gain_n"] == "0" and "search.trial" not in pruned  # the trial's number names its folder instead
+    md = (sweep / "summary.md").read_text()
+    assert "3 jobs: 2 ok, 1 pruned, 0 failed, 0 incomplete, 0 pending" in md
+    table = table_rows(md)
+    assert [row[0] for row in table] == ["4.0", "2.5", "7.5"]  # the pruned trial after every finished one
+    assert table[2][2:5] == ["0", "–", "–"] and table[2][-1] == "pruned"
+    assert table[2][-2] == "**pruned** after epoch 3 (val acc 40.10% by then)"
+    section = md.split("## Pruned jobs")[1]
+    assert "in `trial_1,T=7.5,alpha=0.8`: pruned after epoch 3 of 10, best val acc by then 40.10%" in section
+    assert "search.trial" not in section and "- teacher resnet18 on mnist" in md
+    values, _ = grid_values(collect_jobs(sweep), "student.test_acc")
+    assert grid_pruned(collect_jobs(sweep), values) == {(7.5, 0.8)}
+    for png in written[2:]:
+        assert_png(png)
+
+
+def test_a_pruned_point_is_marked_as_pruned():
+    values = {(1.0, 0.1): 0.96, (4.0, 0.1): None, (1.0, 0.5): None, (4.0, 0.5): 0.97}
+    fig = grid_figure(values, Marks(failed={(1.0, 0.5)}, pruned={(4.0, 0.1)}), 0.95, "title")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "pruned" in texts and "failed" in texts
+    scatter = {(float(t), 0.37 * t % 1): None for t in range(1, 16)} | {(2.0, 0.5): 0.9}
+    fig = grid_figure(scatter, Marks(pruned={next(p for p in scatter if p[0] == 3.0)}), 0.9, "title")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "pruned (stopped early)" in labels and "no result" in labels
