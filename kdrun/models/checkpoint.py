@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from kdrun import __version__
 from kdrun.core.errors import KdrunError
-from kdrun.core.io import atomic_save, is_safetensors, read_state, read_tensors, save_tensors
+from kdrun.core.io import is_safetensors, read_state, read_tensors, save_tensors
 from kdrun.core.schema import check
 from kdrun.data import DataSpec
 from kdrun.models.registry import architecture_cfg, build_model, model_name
