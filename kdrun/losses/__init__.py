@@ -1,7 +1,7 @@
 """KD methods: one file per method behind one contract (``base.Objective``), each registered by its option
 name in ``conf/loss/``."""
 
-from kdrun.losses import at, ce, dkd, fitnet, kd, mse, rkd, soft_ce  # noqa: F401 - registers them
+from kdrun.losses import at, cc, ce, dist, dkd, fitnet, kd, mse, nst, pkt, rkd, soft_ce, sp, vid  # noqa: F401 - registers them
 from kdrun.losses.base import LOSSES, HardSoft, LossInput, Objective, Terms, build_objective, standardize
 from kdrun.losses.ce import CrossEntropy
 from kdrun.losses.feature import FeatureObjective
