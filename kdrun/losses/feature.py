@@ -1,4 +1,4 @@
-"""The base of the methods that distil through intermediate features (fitnet, at, rkd).
+"""The base of the methods that distil through intermediate features (fitnet, at, rkd, sp, pkt, nst, vid, cc).
 
 Each adds its feature terms to the logit-KD objective, keeping T and alpha's meaning:
 
