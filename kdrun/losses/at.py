@@ -7,10 +7,9 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from kdrun.core.errors import KdrunError
 from kdrun.core.schema import Range, Weight
 from kdrun.losses.base import LOSSES
-from kdrun.losses.feature import FeatureObjective, Layers
+from kdrun.losses.feature import FeatureObjective, Layers, common_size
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -20,10 +19,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Mean squared difference of the two attention maps; the larger map is average-pooled to the smaller's size."""
-    s_size, t_size = student.shape[2:], teacher.shape[2:]
-    if s_size != t_size:
-        size = (min(s_size[0], t_size[0]), min(s_size[1], t_size[1]))
-        student, teacher = F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
+    student, teacher = common_size(student, teacher)
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 
@@ -48,16 +44,7 @@ class AttentionTransfer(FeatureObjective):
         return {"at": self.at_weight}
 
     def build(self, student_shapes, teacher_shapes):
-        for role, layers, shapes in (
-            ("student", self.student_layers, student_shapes),
-            ("teacher", self.teacher_layers, teacher_shapes),
-        ):
-            for layer, shape in zip(layers, shapes, strict=True):
-                if len(shape) != 4:
-                    raise KdrunError(
-                        f"loss=at needs spatial feature maps, but the {role}'s layer {layer!r} gives shape "
-                        f"{list(shape)}; tap convolutional layers (loss.{role}_layers) or use another loss"
-                    )
+        self.require_maps("at", student_shapes, teacher_shapes)
 
     def feature_terms(self, student, teacher):
         losses = [attention_transfer(s, t, self.p) for s, t in zip(student, teacher, strict=True)]

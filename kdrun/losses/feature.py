@@ -1,4 +1,4 @@
-"""The base of the methods that distil through intermediate features (fitnet, at, rkd).
+"""The base of the methods that distil through intermediate features (fitnet, at, rkd, sp, pkt, nst, vid, cc).
 
 Each adds its feature terms to the logit-KD objective, keeping T and alpha's meaning:
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kdrun.core.errors import KdrunError
 from kdrun.losses.base import LossInput, Objective, Terms
@@ -55,6 +56,19 @@ class FeatureObjective(Objective):
     def default_layers(self, model: nn.Module, example: torch.Tensor, role: str) -> list[str]:
         """The layers tapped where ``loss.<role>_layers`` is null: the model's default taps of ``tap_kind``."""
         return default_taps(model, example).of(self.tap_kind)
+
+    def require_maps(self, method: str, student_shapes: list[tuple], teacher_shapes: list[tuple]) -> None:
+        """Refuse, in one line, a tapped layer that is not a spatial map (N, C, H, W): ``method`` needs maps."""
+        for role, layers, shapes in (
+            ("student", self.student_layers, student_shapes),
+            ("teacher", self.teacher_layers, teacher_shapes),
+        ):
+            for layer, shape in zip(layers, shapes, strict=True):
+                if len(shape) != 4:
+                    raise KdrunError(
+                        f"loss={method} needs spatial feature maps, but the {role}'s layer {layer!r} gives shape "
+                        f"{list(shape)}; tap convolutional layers (loss.{role}_layers) or use another loss"
+                    )
 
     def bind(self, student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> None:
         """Resolve the layers of both models (defaults where not given), check them, and build the adapters.
@@ -102,6 +116,15 @@ class FeatureObjective(Objective):
         for name, weight in self.weights().items():
             total = total + weight * features[name]
         return total, {**terms, **features}
+
+
+def common_size(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two feature maps at the same spatial size: each average-pooled to the smaller height and width."""
+    s_size, t_size = student.shape[2:], teacher.shape[2:]
+    if s_size == t_size:
+        return student, teacher
+    size = (min(s_size[0], t_size[0]), min(s_size[1], t_size[1]))
+    return F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size)
 
 
 def _layer_list(value, key: str) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""Every KD method and mixing through the whole pipeline, in-process, on digits and on real MNIST (slow: 14 runs)."""
+"""Every KD method and mixing through the whole pipeline, in-process, on digits and on real MNIST (slow: 28 runs)."""
 
 import pytest
 
@@ -16,6 +16,13 @@ METHODS = {  # option -> (overrides, the student's logged loss terms)
     "fitnet": (["loss=fitnet"], {"ce", "kd", "hint"}),
     "at": (["loss=at"], {"ce", "kd", "at"}),
     "rkd": (["loss=rkd"], {"ce", "kd", "rkd_distance", "rkd_angle"}),
+    "sp": (["loss=sp"], {"ce", "kd", "sp"}),
+    "pkt": (["loss=pkt"], {"ce", "kd", "pkt"}),
+    "nst": (["loss=nst"], {"ce", "kd", "nst"}),
+    "vid": (["loss=vid"], {"ce", "kd", "vid"}),
+    "cc": (["loss=cc"], {"ce", "kd", "cc"}),
+    "cc_gaussian": (["loss=cc", "loss.kernel=gaussian"], {"ce", "kd", "cc"}),
+    "dist": (["loss=dist", "alpha=1.0"], {"ce", "kd", "dist_inter", "dist_intra"}),
 }
 
 

@@ -24,10 +24,10 @@ def test_every_family_default_taps_work_as_student_and_as_teacher(family, shape)
     shapes = feature_shapes(net, x, [*taps.stages, taps.embedding])
     assert all(len(shapes[s]) == 4 for s in taps.stages) and len(shapes[taps.embedding]) == 2
     for student, teacher in ((net, model("resnet8", spec)), (model("small_cnn", spec), net)):
-        for loss in ("fitnet", "at", "rkd"):
+        for loss in ("fitnet", "at", "rkd", "sp", "pkt", "nst", "vid", "cc"):
             objective = build_objective({"name": loss}, 4.0, 0.2)
-            if loss == "at" and family == "mlp":
-                with pytest.raises(KdrunError, match="loss=at needs spatial feature maps.*'net.6' gives shape"):
+            if loss in ("at", "nst") and family == "mlp":
+                with pytest.raises(KdrunError, match=f"loss={loss} needs spatial feature maps.*'net.6' gives shape"):
                     step(student, teacher, objective, x, y)  # refused when the teacher source binds the layers
                 continue
             total, terms = step(student, teacher, objective, x, y)  # binds the default taps, then one step
