@@ -13,7 +13,6 @@ from typing import Annotated
 import torch
 import torch.nn as nn
 
-from kdrun.core.errors import KdrunError
 from kdrun.core.modes import eval_mode
 from kdrun.core.schema import Range, Weight
 from kdrun.losses.base import LOSSES, InitEpochs, InitLr, LossInput, Terms
@@ -79,12 +78,7 @@ class ActivationBoundaries(FeatureObjective):
         return {"ab": self.ab_weight}
 
     def build(self, student_shapes, teacher_shapes):
-        for role, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
-            if any(len(shape) != 4 for shape in shapes):
-                raise KdrunError(
-                    f"loss=ab needs spatial feature maps, but the {role}'s layers give shapes "
-                    f"{[list(s) for s in shapes]}; tap convolutional layers (loss.{role}_layers) or use another loss"
-                )
+        self.require_maps("ab", student_shapes, teacher_shapes)
         if not len(self.connectors):  # a second bind (after the init phase) keeps the trained connectors
             self.connectors = nn.ModuleList(
                 nn.Identity() if s[1:] == t[1:] else HintAdapter(s, t)
