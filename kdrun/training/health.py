@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 NOT_FALLEN = 0.9  # the training CE still above this share of a constant prediction's CE
-RAN_AWAY = 2.0  # the last epoch's training loss is more than this multiple of the stage's lowest
+RAN_AWAY = 2.0  # the last epoch's training loss is more than this multiple of the stage's lowest ...
+GAVE_BACK = 0.25  # ... and it gave back more than this share of its fall from the first epoch (not noise near 0)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def assess(history: list[dict[str, float]], nonfinite_steps: int, chance: Chance
     val = history[-1]["val/acc"]
     at_chance = chance.matched_by(val)
     level = f"validation accuracy {100 * val:.1f}% is chance level ({100 * chance.acc:.1f}%)"
-    if not math.isfinite(last) or last > RAN_AWAY * lowest or (nonfinite_steps and at_chance):
+    ran_away = last > RAN_AWAY * lowest and last - lowest > GAVE_BACK * (first - lowest)
+    if not math.isfinite(last) or ran_away or (nonfinite_steps and at_chance):
         skipped = f", {nonfinite_steps} step(s) skipped for a non-finite loss" if nonfinite_steps else ""
         trend = f"training loss {first:.3g} first epoch, {lowest:.3g} lowest, {last:.3g} last"
         reason = f"the loss diverged ({trend}{skipped})" + (f"; {level}" if at_chance else "")

@@ -88,6 +88,9 @@ def test_health_flags():
     diverged = assess(history([2.3, 0.5, 40.0], 0.6), 0, chance)
     assert diverged["diverged"] is True and "diverged" in diverged["flag_reason"]
     assert assess(history([2.3, 2.2], 0.1), 3, chance)["diverged"] is True  # non-finite steps, then chance
+    assert assess(history([2.3, 0.1, 0.7], 0.9), 0, chance)["diverged"] is True  # gave back a quarter of its fall
+    # a loss near 0 that wobbles (DIST's relation terms: 0.0005 -> 0.008) has not run away
+    assert assess(history([0.05, 0.0005, 0.008], 0.9), 0, chance) == {}
     assert assess(history([2.3, math.inf], 0.5), 0, chance)["diverged"] is True
     # a model at chance whose training CE fell (random labels, memorised) is not a collapse
     assert assess(history([2.3, 1.0], 0.1), 0, chance) == {}
