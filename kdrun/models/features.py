@@ -125,7 +125,8 @@ def module_outputs(model: nn.Module, x: torch.Tensor, layers: list[str] | None =
     wanted = list(dict.fromkeys(layers)) if layers is not None else [n for n in modules if n]
     unknown = [n for n in wanted if n not in modules]
     if unknown:
-        raise KdrunError(f"{type(model).__name__} has no module {unknown[0]!r}; its modules are: {', '.join(modules)}")
+        valid = ", ".join(n for n in modules if n)
+        raise KdrunError(f"{type(model).__name__} has no module {unknown[0]!r}; its modules are: {valid}")
     handles = [modules[name].register_forward_hook(keep(name)) for name in wanted]
     try:
         result = model(x)

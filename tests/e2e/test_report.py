@@ -41,8 +41,12 @@ def test_the_default_run_reports_every_item(reported_run):
         assert len(e["per_class_acc"]) == 10
         assert e["acc"] == pytest.approx(metrics[stage]["test_acc_best"])  # the saved (best-val) model
         assert e["params"] == metrics[stage]["params"]
-        for key in ("agreement", "kl_to_teacher", "ece", "flops", "size_mb", "latency_ms_b1", "throughput_b256"):
+        for key in ("agreement", "kl_to_teacher", "ece", "flops", "size_mb", "latency_ms_b1", "throughput_b256",
+                    "latency_ms_b1_iqr", "throughput_b256_iqr", "timing_threads"):  # fmt: skip
             assert metrics[stage][key] == e[key], (stage, key)  # the contract's keys inside each stage
+        # Timed by torch.utils.benchmark: medians with their interquartile ranges, over enough measurements.
+        assert 0 <= e["latency_ms_b1_iqr"] < 10 * e["latency_ms_b1"] and 0 <= e["throughput_b256_iqr"]
+        assert e["latency_ms_b1_n"] >= 5 and e["throughput_b256_n"] >= 4 and e["timing_threads"] >= 1
     assert evaluation["teacher"]["agreement"] == 1.0 and evaluation["teacher"]["kl_to_teacher"] == pytest.approx(0)
     assert evaluation["student_vs_teacher"]["compression_params"] == pytest.approx(
         evaluation["teacher"]["params"] / evaluation["student"]["params"]
@@ -54,8 +58,12 @@ def test_the_default_run_reports_every_item(reported_run):
     report = (reported_run / "report.md").read_text()
     for text in ("top-1 agreement with the teacher", "KL(teacher ‖ model), T=1", "expected calibration error",
                  "FLOPs per image", "checkpoint size", "latency, batch 1", "throughput, batch 256",
-                 "Student vs teacher", "Per-class accuracy", "student_reliability.png", "## Export"):  # fmt: skip
+                 "Student vs teacher", "Per-class accuracy", "student_reliability.png", "## Export",
+                 "latency, batch 1 (ms, median [IQR])", "Timings by `torch.utils.benchmark`"):  # fmt: skip
         assert text in report, text
+    latency_row = next(line for line in report.splitlines() if line.startswith("| latency, batch 1"))
+    e = evaluation["student"]
+    assert f"{e['latency_ms_b1']:.2f} [{e['latency_ms_b1_iqr']:.2f}]" in latency_row
     for png in ("student_reliability.png", "student_confusion.png"):
         assert (reported_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

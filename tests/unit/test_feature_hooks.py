@@ -112,6 +112,8 @@ def test_a_module_that_does_not_run_or_gives_no_tensor_is_refused_clearly():
         feature_shapes(net, example(), ["unused"])
     with pytest.raises(KdrunError, match="gave no tensor"):
         FeatureTap(net, ["unused"])(example())
+    with pytest.raises(KdrunError, match=r"^Branchy has no module 'nope'; its modules are: stem, stem.0, stem.1,"):
+        feature_shapes(net, example(), ["nope"])
 
 
 # --- the tapped forward pass and training through it ---------------------------------------------------------------
