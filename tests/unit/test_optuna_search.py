@@ -24,6 +24,7 @@ from kdrun.losses import CrossEntropy
 from kdrun.models import build_model
 from kdrun.pipeline.stages import artefact_fields
 from kdrun.pipeline.trial import PRUNED_ATTR, RUN_DIR_ATTR, open_storage, trial_hook
+from kdrun.reporting.report import assemble, summary_table
 from kdrun.training.loop import Stage, fit
 from kdrun.training.runtime import resolve_runtime
 from kdrun.training.teacher import TeacherSource
@@ -253,3 +254,12 @@ def test_search_keys_come_together_or_not_at_all():
     validate(composed("search.storage=sqlite:////x.db", "search.study=s", "search.trial=3", hydra=False))
     with pytest.raises(KdrunError, match=r"search.storage, search.study not set while the other search keys are"):
         validate(composed("search.trial=3", hydra=False))
+
+
+def test_a_student_stopped_early_marks_the_run_pruned():
+    trained = {"source": "trained", "params": 1, "test_acc": 0.9, "test_acc_best": 0.9, "val_acc_best": 0.91}
+    trained.update(epochs=60, train_time_s=1.0)
+    metrics = assemble({"test_images": 360}, {"teacher": trained, "student": {**trained, "stopped_epoch": 12}})
+    assert metrics["pruned"] is True and metrics["pruned_epoch"] == 12 and metrics["objective"] == 0.91
+    assert "after epoch 12 of 60" in summary_table({**metrics, "config": {"teacher": "t", "student": "s"}})
+    assert "pruned" not in assemble({}, {"teacher": trained, "student": trained})
