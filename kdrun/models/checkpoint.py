@@ -75,7 +75,8 @@ def write_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
 
 def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
     """A model checkpoint: kdrun's (safetensors, or ``torch.save`` of earlier versions) or a plain state_dict."""
-    if Path(path).expanduser().is_file() and is_safetensors(Path(path).expanduser()):  # else legacy or invalid
+    file = Path(path).expanduser()
+    if file.suffix == MODEL_SUFFIX or (file.is_file() and is_safetensors(file)):  # else torch.save, or invalid
         tensors, header = read_tensors(path, key)
         try:
             meta = json.loads(header[META_KEY]) if META_KEY in header else {}
