@@ -105,7 +105,8 @@ def read_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> dict[st
 def read_file(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
     """The file's contents: a safetensors file as ``{**metadata, "state_dict": tensors}``, never unpickled; a
     ``torch.save`` file (older kdrun runs, RepDistiller, mdistiller) read with ``weights_only=True``."""
-    if Path(path).expanduser().is_file() and is_safetensors(Path(path).expanduser()):  # else legacy or invalid
+    file = Path(path).expanduser()
+    if file.suffix == MODEL_SUFFIX or (file.is_file() and is_safetensors(file)):  # else torch.save, or invalid
         tensors, header = read_tensors(path, key)
         try:
             meta = json.loads(header[META_KEY]) if META_KEY in header else {}

@@ -60,8 +60,9 @@ def prediction_metrics(
 
 def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, list[float]]:
     """Per confidence bin (equal width on [0, 1]): mean confidence, accuracy and sample count, for a diagram."""
-    confidence, predicted = F.softmax(logits.float(), 1).max(1)
-    correct = (predicted == labels).float()
+    # on the CPU, as the other metrics: a weighted bincount has no deterministic CUDA kernel (deterministic=true)
+    confidence, predicted = F.softmax(logits.float().cpu(), 1).max(1)
+    correct = (predicted == labels.cpu()).float()
     index = torch.clamp((confidence * bins).long(), max=bins - 1)
     count = torch.bincount(index, minlength=bins).float()
     mean_conf = torch.bincount(index, confidence, minlength=bins) / count.clamp(min=1)

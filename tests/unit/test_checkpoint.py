@@ -156,6 +156,9 @@ def test_truncated_or_missing_file_is_a_clear_error(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(KdrunError, match=r"cut.safetensors is not a readable safetensors file \(truncated or corrupt"):
         read_checkpoint(tmp_path / "cut.safetensors")
+    (tmp_path / "stub.safetensors").write_bytes(data[:20])  # even the header cut: the name says what it was
+    with pytest.raises(KdrunError, match=r"stub.safetensors is not a readable safetensors file"):
+        read_checkpoint(tmp_path / "stub.safetensors")
     torch.save({"state_dict": build_model(CNN, SPEC).state_dict()}, tmp_path / "old.pt")
     data = (tmp_path / "old.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
