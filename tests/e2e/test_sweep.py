@@ -183,7 +183,7 @@ def test_optuna_pruner_stops_trials_run_by_parallel_jobs(tmp_path):
         logged = {e.step: e.value for e in acc.Scalars("student/val/acc")}
         assert trial.intermediate_values == pytest.approx(logged) and set(logged) == {1, 2}
         assert trial.value == pytest.approx(logged[2])  # Optuna keeps a pruned trial's last report
-        assert (job / "student.pt").is_file() and "search." not in job.name
+        assert (job / "student.safetensors").is_file() and "search." not in job.name
     rows = summary_rows(tmp_path / "pruned")
     assert [r["status"] for r in rows] == ["pruned", "pruned"] and {r["pruned_epoch"] for r in rows} == {"2"}
     md = (tmp_path / "pruned" / "summary.md").read_text()

@@ -19,6 +19,7 @@ from kdrun.data import DataSpec, build_data
 from kdrun.losses import LossInput, build_objective
 from kdrun.losses.crd import ContrastMemory, nce_loss
 from kdrun.models import build_model
+from kdrun.models.checkpoint import read_checkpoint
 from kdrun.pipeline.run import run
 from kdrun.training.loop import Stage, fit
 from kdrun.training.runtime import Runtime
@@ -186,6 +187,6 @@ def test_a_run_killed_in_its_crd_student_stage_resumes_to_the_same_metrics_and_w
     assert {k: v for k, v in resumed["student"].items() if k not in timing} == {
         k: v for k, v in whole["student"].items() if k not in timing
     }
-    want = torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"]
-    got = torch.load(tmp_path / "resumed" / "student.pt", weights_only=True)["state_dict"]
+    want = read_checkpoint(tmp_path / "whole" / "student.safetensors")["state_dict"]
+    got = read_checkpoint(tmp_path / "resumed" / "student.safetensors")["state_dict"]
     assert all(torch.equal(v, got[k]) for k, v in want.items())

@@ -20,6 +20,7 @@ from kdrun.losses.ab import ab_loss, boundary_loss
 from kdrun.losses.fsp import fsp_loss, fsp_matrix
 from kdrun.losses.ft import factor_transfer
 from kdrun.models import build_model
+from kdrun.models.checkpoint import read_checkpoint
 from kdrun.pipeline.run import run
 from kdrun.pipeline.stages import RunContext, init_phase
 from kdrun.training.loop import Stage, fit
@@ -185,6 +186,6 @@ def test_an_init_phase_in_a_run_is_logged_recorded_and_resumed_exactly(tmp_path)
     got, want = numbers(resumed["student"]), numbers(whole["student"])
     assert numbers(got.pop("init_phase")) == numbers(want.pop("init_phase"))
     assert got == want
-    saved = torch.load(run_dir / "student.pt", weights_only=True)["state_dict"]
-    for k, v in torch.load(tmp_path / "whole" / "student.pt", weights_only=True)["state_dict"].items():
+    saved = read_checkpoint(run_dir / "student.safetensors")["state_dict"]
+    for k, v in read_checkpoint(tmp_path / "whole" / "student.safetensors")["state_dict"].items():
         assert torch.equal(v, saved[k]), k

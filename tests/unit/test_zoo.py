@@ -272,5 +272,5 @@ def test_a_run_distils_from_a_repdistiller_teacher_file(tmp_path):
     teacher = metrics["teacher"]
     assert teacher["source"] == "checkpoint" and teacher["checkpoint_format"] == "repdistiller"
     assert teacher["params"] == count_params(ResNet(8, [16, 16, 32, 64], num_classes=10))
-    run(cfg, tmp_path / "run")  # resumed: the run dir's own teacher.pt is kdrun's, whatever the teacher file was
+    run(cfg, tmp_path / "run")  # resumed: the run dir's own teacher.safetensors is kdrun's, whatever the file was
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher"] == teacher
