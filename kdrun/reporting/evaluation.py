@@ -9,12 +9,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -85,6 +84,9 @@ def flops_per_image(model: nn.Module, spec: DataSpec) -> int:
     return int(counter.get_total_flops())
 
 
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Measurement
+
 MIN_FOR_IQR = 4  # the fewest measurements an interquartile range is read from (torch's Measurement shows none below)
 
 
@@ -115,6 +117,10 @@ def time_forward(model: nn.Module, spec: DataSpec, runtime: Runtime, batch_size:
     """Forward passes on a batch of ``batch_size`` timed by ``torch.utils.benchmark.Timer`` (which synchronises the
     accelerator), in eval mode with the run's device, AMP, memory format and compile settings: the library's
     ``Measurement`` (``times`` per pass, one per measurement; ``median`` and ``iqr`` in seconds)."""
+    # Imported here: torch.utils.benchmark pulls in cpp_extension, which warns on stderr at import on a machine
+    # with a CUDA toolkit but no GPU, and every kdrun command (also one refused in a line) would print it.
+    from torch.utils.benchmark import Measurement, Timer
+
     forward = runtime.forward(runtime.prepare(model))
     x = runtime.inputs(
         torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, device=runtime.device)
