@@ -31,7 +31,14 @@ def take_sweep_failure() -> SweepFailed | None:
 
 
 class SweepSummary(Callback):
-    """Write summary.csv, summary.md and the heatmaps into the sweep dir when a multirun ends."""
+    """Write summary.csv, summary.md and the heatmaps into the sweep dir when a multirun ends.
+
+    ``heatmaps=false`` (``hydra.callbacks.sweep_summary.heatmaps``) leaves the heatmaps out: a sweep over other keys
+    than T and alpha (experiment=cifar100's pairs and methods) would get a pair of one-cell plots per job.
+    """
+
+    def __init__(self, heatmaps: bool = True) -> None:
+        self.heatmaps = heatmaps
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         storage = config.hydra.sweeper.get("storage")
@@ -42,7 +49,7 @@ class SweepSummary(Callback):
         from kdrun.reporting.sweep import collect_jobs, write_summary
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        written = write_summary(sweep_dir)
+        written = write_summary(sweep_dir, heatmaps=self.heatmaps)
         log.info("sweep summary: %s", ", ".join(str(p) for p in written))
         failed = [job for job in collect_jobs(sweep_dir) if job.status == "failed"]
         if failed:

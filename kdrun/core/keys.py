@@ -86,10 +86,21 @@ def model_identity(metrics: Mapping[str, Any], prefix: str = "") -> str | None:
     return next((metrics[prefix + k] for k in MODEL_IDENTITY_KEYS if metrics.get(prefix + k)), None)
 
 
+def pick(key: Any, table: Any, default: Any) -> Any:
+    """``table[key]`` where ``key`` is a string that ``table`` (a mapping) holds, else ``default``; never raises."""
+    if isinstance(key, str) and isinstance(table, Mapping) and key in table:
+        return table[key]
+    return default
+
+
 def register_resolvers() -> None:
-    """``${kdrun_keys:run_name_excluded}`` in the YAML reads this table (idempotent)."""
+    """The YAML's resolvers (idempotent): ``${kdrun_keys:run_name_excluded}`` reads this table, and
+    ``${kdrun_pick:<key>,{<key>: <value>, ...},<default>}`` looks a value up by name (e.g. a learning rate by model,
+    conf/experiment/cifar100.yaml)."""
     from omegaconf import OmegaConf
 
     tables = {"run_name_excluded": run_name_excluded, "not_resumed": not_resumed}
     if not OmegaConf.has_resolver("kdrun_keys"):
         OmegaConf.register_new_resolver("kdrun_keys", lambda name: tables[name]())
+    if not OmegaConf.has_resolver("kdrun_pick"):
+        OmegaConf.register_new_resolver("kdrun_pick", pick)

@@ -71,8 +71,9 @@ def collect_jobs(sweep_dir: str | os.PathLike) -> list[Job]:
     return _collect(sweep_dir, _load_multirun(sweep_dir))
 
 
-def write_summary(sweep_dir: str | os.PathLike) -> list[Path]:
-    """Write summary.csv, summary.md and the heatmaps into the sweep dir (each atomically); return their paths."""
+def write_summary(sweep_dir: str | os.PathLike, heatmaps: bool = True) -> list[Path]:
+    """Write summary.csv, summary.md and (``heatmaps``) the heatmaps into the sweep dir (each atomically); return
+    their paths."""
     sweep_dir = Path(sweep_dir)
     problem = sweep_dir_problem(sweep_dir)
     if problem:
@@ -82,9 +83,9 @@ def write_summary(sweep_dir: str | os.PathLike) -> list[Path]:
     keys = swept_keys(jobs, multirun)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
     _write_text(csv_path, summary_csv(jobs, keys))
-    heatmaps = write_heatmaps(sweep_dir, jobs, keys)
-    _write_text(md_path, summary_markdown(sweep_dir, jobs, keys, heatmaps))
-    return [csv_path, md_path, *heatmaps]
+    pngs = write_heatmaps(sweep_dir, jobs, keys) if heatmaps else []
+    _write_text(md_path, summary_markdown(sweep_dir, jobs, keys, pngs))
+    return [csv_path, md_path, *pngs]
 
 
 def sweep_dir_problem(path: Path) -> str | None:
