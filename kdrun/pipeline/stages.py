@@ -460,7 +460,8 @@ def into_run_dir(src: Path, dst: Path, model: nn.Module, meta: dict[str, Any]) -
     if not distributed.is_main():
         return
     if not is_safetensors(src):
-        write_checkpoint(dst, {**meta, "state_dict": model.state_dict()})
+        kept = {k: v for k, v in meta.items() if k != "checkpoint_format"}  # how it was read, not what it holds
+        write_checkpoint(dst, {**kept, "state_dict": model.state_dict()})
         return
     try:
         dst.unlink(missing_ok=True)
