@@ -23,6 +23,7 @@ a ``default_taps(example)`` method):
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -69,13 +70,24 @@ class Taps:
 # --- which way: the graph where torch.fx traces the model, hooks on its modules where it does not -----------------
 
 
+# Traced once per model and module tree: binding a method asks several times, and a deep net's trace takes a
+# fraction of a second (most of it torchvision's node naming).
+_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[str] | None, str]] = weakref.WeakKeyDictionary()
+
+
 def graph_node_names(model: nn.Module) -> tuple[list[str] | None, str]:
     """The tappable node names of ``model``'s training graph in forward order (without the input), or ``None`` and
     why when torch.fx cannot trace it."""
-    try:
-        return get_graph_node_names(model)[0][1:], ""
-    except Exception as e:  # noqa: BLE001 - FX raises many kinds for untraceable Python control flow
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    tree = tuple((name, type(module)) for name, module in model.named_modules())
+    hit = _TRACED.get(model)
+    if hit is None or hit[0] != tree:
+        try:
+            hit = (tree, get_graph_node_names(model)[0][1:], "")
+        except Exception as e:  # noqa: BLE001 - FX raises many kinds for untraceable Python control flow
+            hit = (tree, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__)
+        _TRACED[model] = hit
+    names, why = hit[1], hit[2]
+    return (None if names is None else list(names)), why
 
 
 def tap_mode(model: nn.Module) -> TapMode:
