@@ -18,8 +18,7 @@ from kdrun.core.schema import Range, Weight
 from kdrun.losses.base import LOSSES, InitEpochs, InitLr, LossInput, Terms
 from kdrun.losses.feature import FeatureObjective, Layers
 from kdrun.losses.fitnet import HintAdapter
-from kdrun.losses.taps import preactivations
-from kdrun.models.features import default_taps
+from kdrun.losses.taps import stage_preactivations
 
 Margin = Annotated[float, Range(ge=0, le=1000)]
 
@@ -72,7 +71,7 @@ class ActivationBoundaries(FeatureObjective):
         self.connectors = nn.ModuleList()
 
     def default_layers(self, model, example, role):
-        return preactivations(model, default_taps(model, example).stages, example, role)
+        return stage_preactivations(model, example, role)
 
     def weights(self):
         return {"ab": self.ab_weight}

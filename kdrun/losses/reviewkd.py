@@ -18,7 +18,7 @@ from kdrun.core.errors import KdrunError
 from kdrun.core.schema import Range, Weight
 from kdrun.losses.base import LOSSES
 from kdrun.losses.feature import FeatureObjective, Layers
-from kdrun.losses.taps import preactivations
+from kdrun.losses.taps import stage_preactivations
 from kdrun.models.features import default_taps
 
 Size2 = tuple[int, int]
@@ -104,9 +104,8 @@ class ReviewKD(FeatureObjective):
 
     def default_layers(self, model, example, role):
         taps = default_taps(model, example)
-        stages = taps.stages
-        if role == "teacher" and self.teacher_preact:
-            stages = preactivations(model, stages, example, role)
+        preact = role == "teacher" and self.teacher_preact
+        stages = stage_preactivations(model, example, role) if preact else taps.stages
         return [*stages, taps.embedding]
 
     def set_epoch(self, epoch: int) -> None:

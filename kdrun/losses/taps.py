@@ -1,6 +1,7 @@
-"""Taps that some methods need beyond the models' default ones (``kdrun.models.features``): a stage's pre-activation
-(the input of the ReLU that ends it: AB's and ReviewKD's teacher features) and the input of the first stage (the
-stem's output: FSP's first matrix). Both are read off the traced graph, like the default taps.
+"""Taps that some methods need beyond the models' default stages and embedding (``kdrun.models.features``): the
+stages' pre-activations (the input of the ReLU that ends each: AB's and ReviewKD's teacher features) and the input of
+the first stage (the stem's output: FSP's first matrix). A model that names its pre-activations (the CIFAR zoo, as
+RepDistiller's ``preact``) is taken at its word; for any other they are read off the traced graph.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn as nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from kdrun.core.modes import eval_mode
-from kdrun.models.features import layer_names
+from kdrun.models.features import default_taps, layer_names
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ def _out_of_place(model: nn.Module, node: str) -> None:
         return
     if isinstance(relu, nn.ReLU):
         relu.inplace = False
+
+
+def stage_preactivations(model: nn.Module, example: torch.Tensor, role: str) -> list[str]:
+    """The pre-activation of each default stage: the model's own ``preact`` taps where it names them, else the node
+    that feeds each stage's last ReLU (``preactivations``)."""
+    taps = default_taps(model, example)
+    return list(taps.preact) if taps.preact else preactivations(model, taps.stages, example, role)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from kdrun.data import DataSpec
 from kdrun.losses import LossInput, build_objective
 from kdrun.losses.reviewkd import hcl_loss
-from kdrun.losses.taps import preactivations, stem_output
+from kdrun.losses.taps import preactivations, stage_preactivations, stem_output
 from kdrun.models import build_model
 from kdrun.models.features import FeatureTap, default_taps
 from kdrun.training.runtime import Runtime
@@ -105,3 +105,20 @@ def test_pre_activation_and_stem_taps(name, stages, preact, stem):
     assert stem_output(model, stages[0]) == stem
     _, features = FeatureTap(model.eval(), preact)(torch.randn(2, 3, 32, 32))
     assert all((f < 0).any() for f in features)  # in-place ReLUs were made out of place: the taps see their inputs
+
+
+@pytest.mark.parametrize(
+    "name, preact",
+    [
+        ("resnet20", ["layer1.2.add", "layer2.2.add", "layer3.2.add"]),  # the zoo's, equal to the graph's
+        ("shufflenet_v2_cifar", ["layer1.3.cat", "layer2.7.cat", "layer3.3.cat"]),  # the graph finds none: the zoo's
+        ("resnet18", ["bn1", "layer1.1.add", "layer2.1.add", "layer3.1.add", "layer4.1.add"]),  # torchvision: graph
+    ],
+)
+def test_the_methods_take_a_models_own_pre_activations_and_find_the_others(name, preact, caplog):
+    model = build_model({"name": name}, DataSpec(10, 3, 32))
+    x = torch.zeros(2, 3, 32, 32)
+    assert stage_preactivations(model, x, "teacher") == preact
+    assert "no pre-activation found" not in caplog.text
+    for objective in (build_objective({"name": "ab"}, 4.0, 0.2), build_objective({"name": "reviewkd"}, 4.0, 0.2)):
+        assert objective.default_layers(model, x, "teacher")[: len(preact)] == preact
