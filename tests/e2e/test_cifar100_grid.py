@@ -15,6 +15,7 @@ import copy
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 from hydra import compose, initialize_config_module
@@ -57,7 +58,17 @@ def calibrated(teacher: nn.Module, images: torch.Tensor) -> nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
-def test_every_pair_times_every_method_trains_a_few_steps(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the cells are tiny, and two threads spin against whatever else holds the other core
+    (a second pytest worker made this test five times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_pair_times_every_method_trains_a_few_steps(tmp_path, one_thread):
     layout = load_layout()
     labels = {loss: label for label, loss in layout.columns}
     trained, refused = set(), {}
