@@ -95,10 +95,15 @@ def read_tensors(path: str | os.PathLike, key: str = "checkpoint") -> tuple[dict
         ) from e
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) atomically."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented, one trailing newline) atomically."""
-    text = (json.dumps(obj, indent=2) + "\n").encode()
-    atomic_write(path, lambda f: f.write(text))
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _chain(e: BaseException | None) -> Iterator[BaseException]:

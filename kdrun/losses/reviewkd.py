@@ -105,7 +105,7 @@ class ReviewKD(FeatureObjective):
     def default_layers(self, model, example, role):
         taps = default_taps(model, example)
         preact = role == "teacher" and self.teacher_preact
-        stages = stage_preactivations(model, example, role) if preact else taps.stages
+        stages = stage_preactivations(model, example, role, taps) if preact else taps.stages
         return [*stages, taps.embedding]
 
     def set_epoch(self, epoch: int) -> None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from kdrun.core.modes import eval_mode
-from kdrun.models.features import default_taps, layer_names
+from kdrun.models.features import Taps, default_taps, layer_names
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def _out_of_place(model: nn.Module, node: str) -> None:
         relu.inplace = False
 
 
-def stage_preactivations(model: nn.Module, example: torch.Tensor, role: str) -> list[str]:
-    """The pre-activation of each default stage: the model's own ``preact`` taps where it names them, else the node
-    that feeds each stage's last ReLU (``preactivations``)."""
-    taps = default_taps(model, example)
+def stage_preactivations(model: nn.Module, example: torch.Tensor, role: str, taps: Taps | None = None) -> list[str]:
+    """The pre-activation of each default stage (``taps``: the model's default taps, if already read): the model's
+    own ``preact`` taps where it names them, else the node that feeds each stage's last ReLU (``preactivations``)."""
+    taps = default_taps(model, example) if taps is None else taps
     return list(taps.preact) if taps.preact else preactivations(model, taps.stages, example, role)
 
 

@@ -26,6 +26,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.core.errors import KdrunError
+from kdrun.core.io import write_text
 from kdrun.core.keys import model_identity, role
 from kdrun.reporting.heatmap import Marks, Point, plot_grid
 from kdrun.reporting.stats import MeanInterval, t_interval
@@ -82,9 +83,9 @@ def write_summary(sweep_dir: str | os.PathLike, heatmaps: bool = True) -> list[P
     jobs = _collect(sweep_dir, multirun)
     keys = swept_keys(jobs, multirun)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
-    _write_text(csv_path, summary_csv(jobs, keys))
+    write_text(csv_path, summary_csv(jobs, keys))
     pngs = write_heatmaps(sweep_dir, jobs, keys) if heatmaps else []
-    _write_text(md_path, summary_markdown(sweep_dir, jobs, keys, pngs))
+    write_text(md_path, summary_markdown(sweep_dir, jobs, keys, pngs))
     return [csv_path, md_path, *pngs]
 
 
@@ -374,12 +375,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _metric_order(key: str) -> tuple[int, str]:
     group = key.split(".", 1)[0] if "." in key else ""
     return (METRIC_GROUPS.index(group) if group in METRIC_GROUPS else len(METRIC_GROUPS), key)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _blank_none(values: list[Any]) -> list[Any]:

@@ -25,7 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from kdrun.core.errors import KdrunError
-from kdrun.core.io import atomic_write
+from kdrun.core.io import write_text
 from kdrun.core.keys import model_identity
 from kdrun.reporting.sweep import Job, collect_jobs, sweep_dir_problem
 
@@ -284,13 +284,8 @@ def write_table(
     md, csv_path = (out / name for name in OUTPUTS)
     title = ", ".join(str(d) for d in dirs)
     for path, text in ((md, table_markdown(title, layout, jobs)), (csv_path, table_csv(layout, jobs))):
-        _write_text(path, text)
+        write_text(path, text)
     return [md, csv_path]
-
-
-def _write_text(path: Path, text: str) -> None:
-    data = text.encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 def main(argv: list[str] | None = None) -> None:
