@@ -30,12 +30,21 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from kdrun.core.errors import KdrunError
 from kdrun.core.modes import eval_mode
 
 log = logging.getLogger(__name__)
+
+
+def feature_extraction():
+    """``torchvision.models.feature_extraction``, imported on first use: importing torchvision imports
+    torch._dynamo (through torchvision.ops), which costs every ``kdrun`` process about 1.5 s of start-up that a
+    run without feature taps or torchvision models never needs."""
+    from torchvision.models import feature_extraction as module
+
+    return module
+
 
 TAP_KINDS = ("stages", "middle", "embedding", "preact")
 TapMode = Literal["graph", "hooks"]
@@ -82,7 +91,7 @@ def graph_node_names(model: nn.Module) -> tuple[list[str] | None, str]:
     hit = _TRACED.get(model)
     if hit is None or hit[0] != tree:
         try:
-            hit = (tree, get_graph_node_names(model)[0][1:], "")
+            hit = (tree, feature_extraction().get_graph_node_names(model)[0][1:], "")
         except Exception as e:  # noqa: BLE001 - FX raises many kinds for untraceable Python control flow
             hit = (tree, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__)
         _TRACED[model] = hit
@@ -155,7 +164,7 @@ def feature_shapes(model: nn.Module, example: torch.Tensor, layers: list[str] | 
     with eval_mode(model):
         if names is not None:
             wanted = layers if layers is not None else names
-            out = create_feature_extractor(model, return_nodes={n: n for n in wanted})(example)
+            out = feature_extraction().create_feature_extractor(model, return_nodes={n: n for n in wanted})(example)
         else:
             _, out = module_outputs(model, example, layers)
             _check_tensors(model, layers or (), out)  # a module may not run at all, or return a tuple
@@ -282,7 +291,7 @@ class FeatureTap(nn.Module):
         if names is not None:
             nodes = {layer: f"feature_{i}" for i, layer in enumerate(self.layers)}
             nodes[names[-1]] = "logits"  # a layer may be the output itself: its feature is then the logits
-            self.extractor = create_feature_extractor(model, return_nodes=nodes)
+            self.extractor = feature_extraction().create_feature_extractor(model, return_nodes=nodes)
             self.keys = [nodes[layer] for layer in self.layers]
         else:
             log.info("%s cannot be traced by torch.fx (%s): tapping %s with forward hooks", type(model).__name__, why,

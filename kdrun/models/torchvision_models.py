@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from kdrun.core.errors import KdrunError
 
@@ -17,6 +16,8 @@ SMALL_IMAGE_MAX = 16  # stem=auto uses the small stem at or below this side leng
 
 @functools.cache
 def torchvision_names() -> frozenset[str]:
+    import torchvision  # here, not at the top: see ``kdrun.models.features.feature_extraction``
+
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -34,6 +35,8 @@ def build_torchvision(
     (as CIFAR variants do), ``imagenet`` keeps torchvision's stem and only changes its input channels,
     ``auto`` picks ``small`` for images of at most 16 px.
     """
+    import torchvision
+
     small = stem == "small" or (stem == "auto" and image_size <= SMALL_IMAGE_MAX)
     if weights:
         try:

@@ -15,11 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_calibration_error,
-    multiclass_confusion_matrix,
-)
 
 from kdrun.core.modes import eval_mode
 from kdrun.data import Data, DataSpec, Split
@@ -36,6 +31,9 @@ def prediction_metrics(
 ) -> dict[str, Any]:
     """Top-1/top-5 and per-class accuracy, expected calibration error (``bins`` equal-width bins, L1) and, given
     the teacher's logits for the same samples, top-1 agreement and mean KL(teacher || student) at T=1."""
+    # imported where used, as in kdrun.training.predict: importing torchmetrics imports torchvision
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
     logits, labels = logits.float().cpu(), labels.cpu()
     num_classes = logits.shape[1]
     out: dict[str, Any] = {
@@ -71,6 +69,8 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15)
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Counts [true class, predicted class]."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
     return multiclass_confusion_matrix(logits.float().cpu(), labels.cpu(), logits.shape[1])
 
 

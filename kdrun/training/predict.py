@@ -6,7 +6,6 @@ import copy
 
 import torch
 import torch.nn as nn
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from kdrun.core.modes import eval_mode
 from kdrun.data import Data, Split
@@ -30,6 +29,10 @@ def predict(
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Loss, top-1 accuracy and (with more than 5 classes) top-5 accuracy of logits against labels."""
+    # Imported here, not at the top: torchmetrics imports torchvision and with it torch._dynamo, about 2.5 s of
+    # CPU that a ``kdrun`` refusing its input before any training should not spend.
+    from torchmetrics.functional.classification import multiclass_accuracy
+
     num_classes = logits.shape[1]
     out = {
         "loss": nn.functional.cross_entropy(logits, labels).item(),

@@ -172,7 +172,10 @@ def use_deterministic(on: bool, dev: torch.device) -> None:
     """
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-    torch.use_deterministic_algorithms(on)
+    # Only when it changes: the call imports torch._inductor's config (and torch._dynamo with it), about 1.5 s of
+    # every run's start-up, to set a flag that a fresh process already has off.
+    if torch.are_deterministic_algorithms_enabled() != on or torch.is_deterministic_algorithms_warn_only_enabled():
+        torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = dev.type == "cuda" and not on
 
