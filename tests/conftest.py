@@ -10,11 +10,33 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each worker gets one intra-op thread, and so does every ``kdrun`` it starts (the variable is
+# inherited): the tests' tensors are tiny, and two threads per worker spin against the other workers' cores (the
+# suite ran slower with two workers than with one until this). Set before torch is imported by any test module.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)  # in case a plugin imported torch before the variable above was set
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KDRUN_SHARED_DATA", REPO.parent / "shared" / "data"))
 KDRUN = Path(sys.executable).parent / "kdrun"
-# Small, fast settings for end-to-end runs: the pipeline is real, only shorter.
-QUICK = ["train.teacher.epochs=1", "train.student.epochs=1", "train.progress=false"]
+# Small, fast settings for end-to-end runs: the pipeline is real, only shorter. The report's timings run for 0.01 s
+# per model and batch size instead of 0.2 (about 3 s of CPU a run); tests/e2e/test_report.py times as users do.
+QUICK = [
+    "train.teacher.epochs=1",
+    "train.student.epochs=1",
+    "train.progress=false",
+    "report.min_run_time=0.01",
+    "report.warmup=1",
+]
 
 
 @pytest.fixture(scope="session")
