@@ -172,8 +172,9 @@ def use_deterministic(on: bool, dev: torch.device) -> None:
     """
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-    # Only when it changes: the call imports torch._inductor's config (and torch._dynamo with it), about 1.5 s of
-    # every run's start-up, to set a flag that a fresh process already has off.
+    # Only when it changes: the call imports torch._inductor's config (and torch._dynamo with it), about 1.5 s, to
+    # set a flag that a fresh process already has off. A run that trains imports torch._dynamo later anyway (the
+    # first torch.optim optimizer does); a command refused before that does not.
     if torch.are_deterministic_algorithms_enabled() != on or torch.is_deterministic_algorithms_warn_only_enabled():
         torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on

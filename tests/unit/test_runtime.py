@@ -154,6 +154,17 @@ def test_deterministic_sets_torch_flags_and_a_later_run_unsets_them(monkeypatch,
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
+def test_determinism_left_in_warn_only_mode_is_made_strict(determinism_restored):
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as another library in the process may leave it
+    resolve_runtime("cpu", "off", False, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    resolve_runtime("cpu", "off", False, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 def test_an_op_without_a_deterministic_implementation_is_one_line_naming_it(determinism_restored):
     resolve_runtime("cpu", "off", False, deterministic=True)
     index, values = torch.tensor([0, 1]), torch.ones(2)
