@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from kdrun.core.modes import eval_mode
-from kdrun.models.features import Taps, default_taps, feature_extraction, layer_names
+from kdrun.models.features import Taps, default_taps, extractor, layer_names
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def preactivations(model: nn.Module, layers: list[str], example: torch.Tensor, r
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
     nodes = sorted(set(layers) | set(before.values()))
     with eval_mode(model):
-        out = feature_extraction().create_feature_extractor(model, return_nodes={n: n for n in nodes})(probe)
+        out = extractor(model, {n: n for n in nodes})(probe)
     chosen = []
     for layer in layers:
         node = before.get(layer)

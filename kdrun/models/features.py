@@ -82,6 +82,34 @@ class Taps:
 # Traced once per model and module tree: binding a method asks several times, and a deep net's trace takes a
 # fraction of a second (most of it torchvision's node naming).
 _TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[str] | None, str]] = weakref.WeakKeyDictionary()
+# The same for the extractors: a method's bind reads the shapes of the very nodes its training tap returns. Keyed by
+# the module objects, so that a replaced module is never run through an old graph; an extractor holds the model's
+# modules, not the model.
+_EXTRACTORS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
+
+
+def extractor(model: nn.Module, return_nodes: dict[str, str]) -> nn.Module:
+    """torchvision's ``create_feature_extractor(model, return_nodes)``, built once per model, module tree and nodes,
+    in ``model``'s train/eval mode (as a new one would be). It shares every module and parameter with ``model``."""
+    tree = tuple((name, id(module)) for name, module in model.named_modules())
+    hit = _EXTRACTORS.get(model)
+    if hit is None or hit[0] != tree:
+        hit = _EXTRACTORS[model] = (tree, {})
+    key = tuple(return_nodes.items())
+    graph = hit[1].get(key)
+    if graph is None:
+        graph = hit[1][key] = feature_extraction().create_feature_extractor(model, return_nodes=dict(return_nodes))
+    elif graph.training != model.training:
+        graph.train(model.training)  # what create_feature_extractor does to a new one
+    return graph
+
+
+def tap_nodes(layers: list[str], names: list[str]) -> dict[str, str]:
+    """The extractor's ``return_nodes`` for ``layers`` of a graph with nodes ``names``: ``feature_<i>`` for the
+    i-th layer and ``logits`` for the output (a layer may be the output itself: its feature is then the logits)."""
+    nodes = {layer: f"feature_{i}" for i, layer in enumerate(layers)}
+    nodes[names[-1]] = "logits"
+    return nodes
 
 
 def graph_node_names(model: nn.Module) -> tuple[list[str] | None, str]:
@@ -163,8 +191,9 @@ def feature_shapes(model: nn.Module, example: torch.Tensor, layers: list[str] | 
     names, _ = graph_node_names(model)
     with eval_mode(model):
         if names is not None:
-            wanted = layers if layers is not None else names
-            out = feature_extraction().create_feature_extractor(model, return_nodes={n: n for n in wanted})(example)
+            nodes = tap_nodes(layers if layers is not None else names, names)  # as FeatureTap's: one trace for both
+            found = extractor(model, nodes)(example)
+            out = {layer: found[node] for layer, node in nodes.items()}
         else:
             _, out = module_outputs(model, example, layers)
             _check_tensors(model, layers or (), out)  # a module may not run at all, or return a tuple
@@ -289,9 +318,8 @@ class FeatureTap(nn.Module):
         self.extractor: nn.Module | None = None
         self.keys = list(self.layers)
         if names is not None:
-            nodes = {layer: f"feature_{i}" for i, layer in enumerate(self.layers)}
-            nodes[names[-1]] = "logits"  # a layer may be the output itself: its feature is then the logits
-            self.extractor = feature_extraction().create_feature_extractor(model, return_nodes=nodes)
+            nodes = tap_nodes(self.layers, names)
+            self.extractor = extractor(model, nodes)
             self.keys = [nodes[layer] for layer in self.layers]
         else:
             log.info("%s cannot be traced by torch.fx (%s): tapping %s with forward hooks", type(model).__name__, why,
