@@ -10,19 +10,16 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist each worker gets one intra-op thread, and so does every ``kdrun`` it starts (the variable is
-# inherited): the tests' tensors are tiny, and two threads per worker spin against the other workers' cores (the
-# suite ran slower with two workers than with one until this). Set before torch is imported by any test module.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
-
 
 def pytest_configure(config):
+    """Under pytest-xdist each worker gets one intra-op thread, and so does every ``kdrun`` it starts (the variables
+    are inherited): the tests' tensors are tiny, and two threads per worker spin against the other workers' cores
+    (the suite ran slower with two workers than with one until this). Runs before any test module is imported."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         import torch
 
-        torch.set_num_threads(1)  # in case a plugin imported torch before the variable above was set
+        torch.set_num_threads(1)  # also where a plugin imported torch before the variables were set
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -79,26 +79,28 @@ class Taps:
 # --- which way: the graph where torch.fx traces the model, hooks on its modules where it does not -----------------
 
 
-# Traced once per model and module tree: binding a method asks several times, and a deep net's trace takes a
-# fraction of a second (most of it torchvision's node naming).
-_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[str] | None, str]] = weakref.WeakKeyDictionary()
-# The same for the extractors: a method's bind reads the shapes of the very nodes its training tap returns. Keyed by
-# the module objects, so that a replaced module is never run through an old graph; an extractor holds the model's
-# modules, not the model.
-_EXTRACTORS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
+# What tracing a model gave (its node names, its feature extractors), kept per model until its module tree changes:
+# binding a method asks several times, a method's bind reads the shapes of the very nodes its training tap returns,
+# and a deep net's trace takes a fraction of a second. The tree is of module objects, so that a replaced module never
+# runs through an old graph; an extractor holds the model's modules, not the model.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
+
+
+def _traces(model: nn.Module) -> dict:
+    tree = tuple((name, type(module), id(module)) for name, module in model.named_modules())
+    hit = _TRACES.get(model)
+    if hit is None or hit[0] != tree:
+        hit = _TRACES[model] = (tree, {})
+    return hit[1]
 
 
 def extractor(model: nn.Module, return_nodes: dict[str, str]) -> nn.Module:
     """torchvision's ``create_feature_extractor(model, return_nodes)``, built once per model, module tree and nodes,
     in ``model``'s train/eval mode (as a new one would be). It shares every module and parameter with ``model``."""
-    tree = tuple((name, id(module)) for name, module in model.named_modules())
-    hit = _EXTRACTORS.get(model)
-    if hit is None or hit[0] != tree:
-        hit = _EXTRACTORS[model] = (tree, {})
-    key = tuple(return_nodes.items())
-    graph = hit[1].get(key)
+    traces, key = _traces(model), tuple(return_nodes.items())
+    graph = traces.get(key)
     if graph is None:
-        graph = hit[1][key] = feature_extraction().create_feature_extractor(model, return_nodes=dict(return_nodes))
+        graph = traces[key] = feature_extraction().create_feature_extractor(model, return_nodes=dict(return_nodes))
     elif graph.training != model.training:
         graph.train(model.training)  # what create_feature_extractor does to a new one
     return graph
@@ -115,15 +117,14 @@ def tap_nodes(layers: list[str], names: list[str]) -> dict[str, str]:
 def graph_node_names(model: nn.Module) -> tuple[list[str] | None, str]:
     """The tappable node names of ``model``'s training graph in forward order (without the input), or ``None`` and
     why when torch.fx cannot trace it."""
-    tree = tuple((name, type(module)) for name, module in model.named_modules())
-    hit = _TRACED.get(model)
-    if hit is None or hit[0] != tree:
+    traces = _traces(model)
+    if "names" not in traces:
         try:
-            hit = (tree, feature_extraction().get_graph_node_names(model)[0][1:], "")
+            traces["names"] = (feature_extraction().get_graph_node_names(model)[0][1:], "")
         except Exception as e:  # noqa: BLE001 - FX raises many kinds for untraceable Python control flow
-            hit = (tree, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__)
-        _TRACED[model] = hit
-    names, why = hit[1], hit[2]
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+            traces["names"] = (None, why)
+    names, why = traces["names"]
     return (None if names is None else list(names)), why
 
 
