@@ -23,7 +23,7 @@ from kdrun.pipeline.cache import ArtefactCache
 from kdrun.pipeline.parallel import job_device
 from kdrun.pipeline.preflight import preflight
 from kdrun.pipeline.rundir import prepare_run_dir
-from kdrun.pipeline.stages import RunContext, baseline_stage, student_stage, teacher_stage
+from kdrun.pipeline.stages import RunContext, baseline_stage, student_stage, teacher_is_baseline, teacher_stage
 from kdrun.pipeline.trial import trial_hook
 from kdrun.reporting.evaluation import evaluate_models
 from kdrun.reporting.export import check_formats, export_student
@@ -64,7 +64,7 @@ def _run(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> float:
         if cfg.baseline:
             models["baseline"], stages["baseline"] = baseline_stage(ctx)
         models["student"], stages["student"] = student_stage(ctx, teacher, stages["teacher"])
-        metrics = assemble(run_config(cfg, runtime, len(data.test)), stages)
+        metrics = assemble(run_config(cfg, runtime, len(data.test)), stages, teacher_is_baseline(cfg, runtime.amp))
         if not main:
             return float(metrics["objective"])
         if "teacher_lead_warning" in metrics:

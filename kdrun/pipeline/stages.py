@@ -295,6 +295,14 @@ def artefact_fields(cfg: DictConfig, stage: str, amp: str, model_cfg: Any = None
     }
 
 
+def teacher_is_baseline(cfg: DictConfig, amp: str) -> bool:
+    """Whether the baseline is the teacher trained again: the same model, recipe and seed (self-distillation,
+    e.g. born-again networks), so the teacher cannot lead it. Never for a loaded teacher or an ensemble."""
+    if cfg.teacher.get("checkpoint") or cfg.teacher.get("name") == "ensemble":
+        return False
+    return artefact_fields(cfg, "teacher", amp) == artefact_fields(cfg, "baseline", amp)
+
+
 def recipe_of(cfg: DictConfig, stage: str) -> DictConfig:
     """The training recipe of a stage: ``train.teacher``, or ``train.student`` for the baseline and the student."""
     return cfg.train.teacher if stage == "teacher" else cfg.train.student

@@ -18,11 +18,14 @@ HPARAM_RUN_METRICS = ("kd_gain", "objective")
 HPARAM_EVAL_METRICS = ("agreement", "kl_to_teacher", "ece", "latency_ms_b1")
 
 
-def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def assemble(
+    config: dict[str, Any], stages: dict[str, dict[str, Any]], teacher_is_baseline: bool = False
+) -> dict[str, Any]:
     """metrics.json as the output contract describes it: config, one entry per stage that ran, gain, objective.
 
     With ``config["test_images"]`` (n) each stage also gets ``test_acc_ci95``, and with a baseline the run gets
-    ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not ahead beyond noise).
+    ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not ahead beyond noise;
+    ``teacher_is_baseline``: the baseline is the teacher retrained, as in self-distillation, which it says).
     A student that a search's pruner stopped early makes the run ``pruned`` (and gives its ``pruned_epoch``): its
     numbers are those of the epochs it trained.
     """
@@ -39,15 +42,20 @@ def assemble(config: dict[str, Any], stages: dict[str, dict[str, Any]]) -> dict[
     if stages["student"].get("stopped_epoch") is not None:  # only a search trial's pruner stops the student early
         metrics.update(pruned=True, pruned_epoch=stages["student"]["stopped_epoch"])
     if "baseline" in stages and "teacher" in stages:
-        metrics.update(teacher_lead(stages["teacher"]["test_acc"], stages["baseline"]["test_acc"], n))
+        lead = teacher_lead(stages["teacher"]["test_acc"], stages["baseline"]["test_acc"], n, teacher_is_baseline)
+        metrics.update(lead)
     return metrics
 
 
-def teacher_lead(teacher_acc: float, baseline_acc: float, n: int | None) -> dict[str, Any]:
+def teacher_lead(
+    teacher_acc: float, baseline_acc: float, n: int | None, teacher_is_baseline: bool = False
+) -> dict[str, Any]:
     """``teacher_lead`` (teacher - baseline test acc), its 95% interval over ``n`` test images, and the warning.
 
     The warning is there when the interval's low end is <= 0: the teacher may be no better than the student
-    trained alone, so there is nothing to distil. Without ``n`` the lead itself (<= 0) decides.
+    trained alone, so there is nothing to distil. Without ``n`` the lead itself (<= 0) decides. When the
+    baseline is the teacher itself (self-distillation) the warning says so instead: a gain is then the
+    method's own effect, not a stronger teacher's.
     """
     lead = teacher_acc - baseline_acc
     out: dict[str, Any] = {"teacher_lead": lead}
@@ -57,9 +65,14 @@ def teacher_lead(teacher_acc: float, baseline_acc: float, n: int | None) -> dict
         out["teacher_lead_ci95"] = [low, high]
         interval = f", 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]"
     if out.get("teacher_lead_ci95", [lead])[0] <= 0:
+        why = (
+            "the teacher is the student trained alone (the same model, recipe and seed: self-distillation), so it "
+            "is no better than the baseline by construction: a gain is self-distillation's, not a stronger teacher's"
+            if teacher_is_baseline
+            else "the teacher is no better than the student alone: KD has nothing to transfer"
+        )
         out["teacher_lead_warning"] = (
-            "the teacher is no better than the student alone: KD has nothing to transfer "
-            f"(teacher {100 * teacher_acc:.2f}% vs baseline {100 * baseline_acc:.2f}%, "
+            f"{why} (teacher {100 * teacher_acc:.2f}% vs baseline {100 * baseline_acc:.2f}%, "
             f"lead {100 * lead:+.2f} points{interval})"
         )
     return out

@@ -83,6 +83,17 @@ def test_a_teacher_within_noise_of_the_baseline_is_warned_about():
     assert f"94.50% [{100 * low:.2f}, {100 * high:.2f}] |" in report
 
 
+def test_a_self_distillation_says_its_teacher_is_the_baseline():
+    stages = {"teacher": stage(0.95), "baseline": stage(0.95), "student": stage(0.951)}
+    metrics = assemble(CONFIG, stages, teacher_is_baseline=True)
+    assert metrics["teacher_lead"] == 0 and metrics["teacher_lead_warning"].startswith(
+        "the teacher is the student trained alone (the same model, recipe and seed: self-distillation), so it is "
+        "no better than the baseline by construction: a gain is self-distillation's, not a stronger teacher's "
+        "(teacher 95.00% vs baseline 95.00%, lead +0.00 points, 95% CI ["
+    )
+    assert "nothing to transfer" not in metrics["teacher_lead_warning"]
+
+
 def test_no_lead_without_a_baseline_and_no_interval_without_the_test_size():
     metrics = assemble(CONFIG, {"teacher": stage(0.9), "student": stage(0.95)})
     assert "teacher_lead" not in metrics and "kd_gain" not in metrics
@@ -94,7 +105,8 @@ def test_no_lead_without_a_baseline_and_no_interval_without_the_test_size():
 
 def test_a_run_whose_teacher_learnt_nothing_logs_one_warning_line(tmp_path, caplog):
     # Random labels (FakeData): teacher and baseline are both at chance on 128 test images.
-    overrides = ["dataset=fake", "dataset.train_size=128", "dataset.image_size=8", "teacher=mlp", "student=mlp"]
+    overrides = ["dataset=fake", "dataset.train_size=128", "dataset.image_size=8", "teacher=mlp", "student=mlp",
+                 "student.hidden=[16]"]  # fmt: skip
     with initialize_config_module("kdrun.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "train.progress=false", "report.enabled=false", "cache=off"])
     with caplog.at_level(logging.WARNING, logger="kdrun"):
