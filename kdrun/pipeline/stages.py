@@ -297,10 +297,11 @@ def artefact_fields(cfg: DictConfig, stage: str, amp: str, model_cfg: Any = None
 
 def teacher_is_baseline(cfg: DictConfig, amp: str) -> bool:
     """Whether the baseline is the teacher trained again: the same model, recipe and seed (self-distillation,
-    e.g. born-again networks), so the teacher cannot lead it. Never for a loaded teacher or an ensemble."""
-    if cfg.teacher.get("checkpoint") or cfg.teacher.get("name") == "ensemble":
-        return False
-    return artefact_fields(cfg, "teacher", amp) == artefact_fields(cfg, "baseline", amp)
+    e.g. born-again networks), so the teacher cannot lead it. Never for a loaded teacher (an ensemble's fields
+    always differ from a student's)."""
+    return not cfg.teacher.get("checkpoint") and artefact_fields(cfg, "teacher", amp) == artefact_fields(
+        cfg, "baseline", amp
+    )
 
 
 def recipe_of(cfg: DictConfig, stage: str) -> DictConfig:
