@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from kdrun.core.errors import KdrunError
-from kdrun.core.schema import Dropout, Width, Widths
+from kdrun.core.schema import Dropout, Positive, Width, Widths
 from kdrun.models.registry import MODELS
 
 
@@ -88,9 +89,11 @@ class LeNet5(nn.Module):
 
 @MODELS.register("mlp")
 class MLP(nn.Module):
-    """Fully connected layers on the flattened image."""
+    """Fully connected layers on the flattened image. ``max_norm``: each unit's incoming weight vector is projected
+    back to L2 norm <= ``max_norm`` before every training forward (the max-norm constraint that Srivastava et al.
+    2014 pair with dropout and a high learning rate)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the sizes and the model's own options, each a config key
         self,
         num_classes: int,
         in_channels: int,
@@ -98,8 +101,10 @@ class MLP(nn.Module):
         hidden: Widths = (256, 128),
         dropout: Dropout = 0.1,
         input_dropout: Dropout = 0.0,
+        max_norm: Positive | None = None,
     ):
         super().__init__()
+        self.max_norm = max_norm
         layers: list[nn.Module] = [nn.Flatten()] + ([nn.Dropout(input_dropout)] if input_dropout else [])
         width = in_channels * image_size * image_size
         for h in hidden:
@@ -109,4 +114,9 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
+        if self.max_norm is not None and self.training:
+            with torch.no_grad():  # a projection after each optimiser step, not part of the loss
+                for layer in self.net:
+                    if isinstance(layer, nn.Linear):
+                        layer.weight.renorm_(2, 0, self.max_norm)
         return self.net(x)

@@ -162,3 +162,23 @@ def test_factory_function_model_in_a_real_run(tmp_path):
     run(cfg, tmp_path)
     student = json.loads((tmp_path / "metrics.json").read_text())["student"]
     assert student["model"] == f"{__name__}.user_factory" and student["test_acc"] > 0
+
+
+def test_mlp_max_norm_projects_each_units_incoming_weights_in_training_only():
+    spec = DataSpec(num_classes=10, in_channels=1, image_size=8)
+    model = build_model({"name": "mlp", "hidden": [32], "dropout": 0.0, "max_norm": 0.5}, spec)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer in linears:
+            layer.weight.mul_(10)
+    before = [layer.weight.norm(dim=1).max().item() for layer in linears]
+    model.eval()(torch.randn(2, 1, 8, 8))
+    assert [layer.weight.norm(dim=1).max().item() for layer in linears] == before  # evaluation changes nothing
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()(torch.randn(4, 1, 8, 8)).sum().backward()  # the projection keeps the graph intact
+    opt.step()
+    model(torch.randn(4, 1, 8, 8))
+    norms = [layer.weight.norm(dim=1) for layer in linears]
+    assert all(float(n.max()) <= 0.5 + 1e-5 for n in norms) and all(float(n.min()) > 0.45 for n in norms)
+    without = build_model({"name": "mlp", "hidden": [32]}, spec)
+    assert without.max_norm is None  # off unless set: the catalogue's option leaves it out of artefact keys

@@ -71,8 +71,9 @@ def test_the_default_schedule_warms_up_linearly():
     assert lrs[10:] == [1.0, 1.0]
 
 
-def history(losses, val_acc, ce=None):
-    return [{"train/loss": loss, "val/acc": val_acc, **({"train/ce": ce} if ce else {})} for loss in losses]
+def history(losses, val_acc, ce=None, val_loss=2.3):
+    row = {"val/acc": val_acc, "val/loss": val_loss, **({"train/ce": ce} if ce else {})}
+    return [{"train/loss": loss, **row} for loss in losses]
 
 
 def test_health_flags():
@@ -97,6 +98,9 @@ def test_health_flags():
     # stuck on two classes (20%, above chance), its CE never below 90% of ln(10): a collapse all the same
     stuck = assess(history([19.1, 14.3], 0.2, ce=2.107), 0, chance)
     assert stuck["collapsed"] is True and "validation accuracy 20.0%" in stuck["flag_reason"]
+    # one short epoch that is learning: its mean training CE is still high, its validation CE has fallen
+    assert assess(history([2.09], 0.71, val_loss=1.78), 0, chance) == {}
+    assert assess(history([2.09], 0.71, val_loss=2.08), 0, chance)["collapsed"] is True
     # unbalanced classes: chance is the largest class's share, and the prior's entropy
     unbalanced = Chance.of(torch.tensor([0] * 90 + [1] * 10), 2)
     assert (unbalanced.acc, unbalanced.ce) == pytest.approx((0.9, -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))))
