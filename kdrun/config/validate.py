@@ -47,14 +47,17 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(raw, dict)
+    given = dict(leaves(raw))
+    # Read off the unresolved values: OmegaConf.missing_keys resolves every interpolation, and parsing them is most of
+    # validation's time. The one resolution below follows.
+    missing = sorted(key for key, value in given.items() if value == "???")
     if missing:
         raise KdrunError(f"{missing[0]} is required but not set; add {missing[0]}=<value> to the command")
     _check_groups(cfg)
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    assert isinstance(raw, dict) and isinstance(resolved, dict)
-    given = dict(leaves(raw))
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+    assert isinstance(resolved, dict)
     for key, value in given.items():  # the values as given first, so an error names the key that was set
         if not (isinstance(value, str) and INTERPOLATION.match(value)):
             check_leaf(resolved, key, value)
