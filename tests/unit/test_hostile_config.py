@@ -160,3 +160,12 @@ def test_a_real_mnist_root_is_accepted(tmp_path):
         pytest.skip(f"no MNIST files under {SHARED_DATA}")
     cfg = composed(("dataset=mnist", f"dataset.root={SHARED_DATA}", "dataset.download=false"))
     validate(cfg)
+
+
+@pytest.mark.parametrize("key", ["T", "dataset.batch_size", "student.channels"])
+def test_a_missing_value_is_named_even_where_others_interpolate_it(key):
+    value = [16, "???"] if key == "student.channels" else "???"
+    with pytest.raises(KdrunError) as e:
+        validate(with_values(composed(()), {key: value}))
+    named = f"{key}[1]" if key == "student.channels" else key
+    assert str(e.value) == f"{named} is required but not set; add {named}=<value> to the command"
