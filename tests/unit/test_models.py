@@ -178,7 +178,7 @@ def test_mlp_max_norm_projects_each_units_incoming_weights_in_training_only():
     model.train()(torch.randn(4, 1, 8, 8)).sum().backward()  # the projection keeps the graph intact
     opt.step()
     model(torch.randn(4, 1, 8, 8))
-    norms = [layer.weight.norm(dim=1) for layer in linears]
+    norms = [layer.weight.detach().norm(dim=1) for layer in linears]
     assert all(float(n.max()) <= 0.5 + 1e-5 for n in norms) and all(float(n.min()) > 0.45 for n in norms)
     without = build_model({"name": "mlp", "hidden": [32]}, spec)
     assert without.max_norm is None  # off unless set: the catalogue's option leaves it out of artefact keys
