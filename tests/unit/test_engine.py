@@ -18,6 +18,7 @@ from kdrun.training.runtime import resolve_runtime
 from kdrun.training.teacher import OnlineTeacher, TeacherSource
 
 QUICK = ["train.teacher.epochs=1", "train.student.epochs=2", "train.progress=false", "teacher=lenet5"]
+QUICK += ["report.min_run_time=0.01", "report.warmup=1", "report.throughput_batch=32"]  # as tests.conftest.QUICK
 
 
 def config(*overrides):

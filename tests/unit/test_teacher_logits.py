@@ -20,8 +20,9 @@ CPU = resolve_runtime("cpu", "off", False)
 
 
 def config(*overrides):
+    """The composed config, without the report: nothing here reads it."""
     with initialize_config_module("kdrun.conf", version_base="1.3"):
-        return compose("config", overrides=["train.progress=false", *overrides])
+        return compose("config", overrides=["train.progress=false", "report.enabled=false", *overrides])
 
 
 def digits_and_teacher():
@@ -125,7 +126,6 @@ def test_a_jittered_teacher_still_gives_cached_logits_to_a_plain_student(tmp_pat
     """The teacher's own augmentation shapes the teacher, not the student's inputs: its logits stay cached, and the
     logits' key names the teacher (whose key holds its augmentation), not the augmentation itself."""
     quick = ["student=mlp", "teacher=lenet5", "train.teacher.epochs=1", "train.student.epochs=1"]
-    quick.append("report.enabled=false")
     results = {}
     for name, crop in (("plain", 0), ("jittered", 2)):
         cfg = config(*quick, f"train.teacher.augment.crop_pad={crop}", f"cache.dir={tmp_path / 'cache'}")
@@ -141,7 +141,6 @@ def test_a_jittered_teacher_still_gives_cached_logits_to_a_plain_student(tmp_pat
 
 def test_the_students_own_augmentation_or_mixing_puts_the_teacher_online(tmp_path):
     quick = ["student=mlp", "teacher=lenet5", "train.teacher.epochs=1", "train.student.epochs=1"]
-    quick.append("report.enabled=false")
     for name, override in (("crop", "train.student.augment.crop_pad=1"), ("mix", "train.student.augment.mix=cutmix")):
         run(config(*quick, override, "baseline=false", f"cache.dir={tmp_path / 'cache'}"), tmp_path / name)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
