@@ -25,15 +25,16 @@ def pytest_configure(config):
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("KDRUN_SHARED_DATA", REPO.parent / "shared" / "data"))
 KDRUN = Path(sys.executable).parent / "kdrun"
-# Small, fast settings for end-to-end runs: the pipeline is real, only shorter. The report's timings run for 0.01 s
-# per model and batch size instead of 0.2 (about 3 s of CPU a run), and throughput at batch 32 instead of 256 (0.14
-# instead of 0.38 s a model); tests/e2e/test_report.py times as users do.
+# The report's timings for runs whose timings no test reads: 0.01 s per model and batch size instead of 0.2 (about
+# 3 s of CPU a run); tests/e2e/test_report.py times as users do.
+BRIEF_TIMING = ["report.min_run_time=0.01", "report.warmup=1"]
+# Small, fast settings for end-to-end runs: the pipeline is real, only shorter; throughput at batch 32 instead of 256
+# (0.14 instead of 0.38 s a model; tests comparing metrics.json files leave out the throughput_b256 keys by name).
 QUICK = [
     "train.teacher.epochs=1",
     "train.student.epochs=1",
     "train.progress=false",
-    "report.min_run_time=0.01",
-    "report.warmup=1",
+    *BRIEF_TIMING,
     "report.throughput_batch=32",
 ]
 

@@ -4,13 +4,13 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import BRIEF_TIMING, REPO
 
 
 def test_born_again_generations_chain_each_student_into_the_next_teacher(tmp_path):
     out = tmp_path / "ban"
     quick = ["train.teacher.epochs=2", "train.progress=false", "cache=off", "report.latency_repeats=2"]
-    quick += ["report.min_run_time=0.01", "report.throughput_batch=32"]  # as tests.conftest.QUICK times
+    quick += BRIEF_TIMING
     result = subprocess.run(
         [
             sys.executable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_kdrun
+from tests.conftest import BRIEF_TIMING, run_kdrun
 
 REFUSED = [
     ("T=nan", "T=nan"),
@@ -43,7 +43,7 @@ def test_a_hostile_but_valid_value_finishes(tmp_path):
             "train.max_nonfinite_steps=0",
             "train.teacher.epochs=1",
             "train.student.epochs=1",
-            "report.min_run_time=0.01",  # as tests.conftest.QUICK times
+            *BRIEF_TIMING,
             f"hydra.run.dir={tmp_path / 'run'}",
             f"cache.dir={tmp_path / 'cache'}",
         ],

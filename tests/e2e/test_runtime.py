@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import read_metrics, run_kdrun
+from tests.conftest import BRIEF_TIMING, read_metrics, run_kdrun
 from tests.e2e.test_resume import numbers
 
 
@@ -38,7 +38,7 @@ def test_cpu_runs_keep_freed_memory_for_reuse():
 
 def test_deterministic_true_runs_give_identical_numbers(tmp_path):
     args = ["cache=off", "deterministic=true", "train.teacher.epochs=2", "train.student.epochs=2"]
-    args += ["train.progress=false", "report.latency_repeats=2", "report.min_run_time=0.01"]
+    args += ["train.progress=false", "report.latency_repeats=2", *BRIEF_TIMING]
     runs = []
     for name in ("a", "b"):
         result = run_kdrun([f"hydra.run.dir={tmp_path / name}", *args], cwd=tmp_path)

@@ -16,9 +16,10 @@ from kdrun.training.loop import Stage, fit
 from kdrun.training.optim import build_scheduler
 from kdrun.training.runtime import resolve_runtime
 from kdrun.training.teacher import OnlineTeacher, TeacherSource
+from tests.conftest import BRIEF_TIMING
 
 QUICK = ["train.teacher.epochs=1", "train.student.epochs=2", "train.progress=false", "teacher=lenet5"]
-QUICK += ["report.min_run_time=0.01", "report.warmup=1", "report.throughput_batch=32"]  # as tests.conftest.QUICK
+QUICK += [*BRIEF_TIMING, "report.throughput_batch=32"]
 
 
 def config(*overrides):
