@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 
 def pytest_configure(config):
@@ -55,6 +58,25 @@ def run_kdrun(
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR")
     return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session, shared by every xdist worker; for module fixtures that
+    are costly and that no test changes. Under ``--dist worksteal`` a module's tests run on both workers, and a
+    plain module fixture would be built on each: the first worker to ask builds it under a lock, the others wait
+    for it and reuse it. A build that fails leaves nothing behind, so the next to ask tries again (and fails alike).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base temp folder that the workers' own ones are in
+    folder = root / f"built-once-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kdrun.models.checkpoint import read_checkpoint
 from kdrun.training.runtime import resolve_runtime
-from tests.conftest import QUICK, REPO, read_metrics, run_kdrun
+from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun
 
 STAGE_KEYS = {
     "source",
@@ -303,13 +303,15 @@ def test_user_config_dir_and_target_model(tmp_path):
     assert metrics["student"]["params"] == 64 * 16 + 16 + 16 * 10 + 10
 
 
+def _build_wheel(out: Path) -> None:
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
+    subprocess.run([*command, str(REPO)], check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The project built as a wheel, the way `pip install .` builds it."""
-    out = tmp_path_factory.mktemp("dist")
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
-    subprocess.run([*command, str(REPO)], check=True, capture_output=True)
-    return next(out.glob("kdrun-*.whl"))
+    return next(built_once(tmp_path_factory, "wheel", _build_wheel).glob("kdrun-*.whl"))
 
 
 def test_wheel_ships_the_configs(wheel):

@@ -2,21 +2,19 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import read_metrics, run_kdrun
+from tests.conftest import built_once, read_metrics, run_kdrun
 
 
-@pytest.fixture(scope="module")
-def reported_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    run_dir = tmp / "run"
+def _reported_run(tmp: Path) -> None:
     args = [
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={tmp / 'run'}",
         "cache=off",
         "train.teacher.epochs=2",
         "train.student.epochs=3",
@@ -26,7 +24,11 @@ def reported_run(tmp_path_factory):
     ]
     result = run_kdrun(args, cwd=tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "reported-run", _reported_run) / "run"
 
 
 def test_the_default_run_reports_every_item(reported_run):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BRIEF_TIMING, KDRUN, read_metrics, run_kdrun
+from tests.conftest import BRIEF_TIMING, KDRUN, built_once, read_metrics, run_kdrun
 
 # The default digits run with fewer epochs: a few seconds, three stages, epochs to land a kill in. Its report's
 # timings are brief: they are left out of every comparison here.
@@ -32,12 +32,14 @@ def numbers(metrics: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("reference")
+def _reference_run(tmp: Path) -> None:
     result = run_kdrun([f"hydra.run.dir={tmp / 'run'}", "cache=off", *RUN], cwd=tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    return numbers(read_metrics(tmp / "run"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return numbers(read_metrics(built_once(tmp_path_factory, "resume-reference", _reference_run) / "run"))
 
 
 def start_and_stop(run_dir: Path, cwd: Path, sig: int, extra: list[str]) -> subprocess.CompletedProcess:
@@ -110,9 +112,9 @@ def test_sigterm_stops_at_a_step_boundary_says_how_to_resume_and_resumes_exactly
     assert_no_partial_files(run_dir)
 
 
-def test_rerunning_a_finished_run_skips_every_stage(tmp_path):
+def test_a_finished_run_rerun_skips_every_stage_and_with_other_settings_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", "cache=off", "train.teacher.epochs=1", "train.student.epochs=1"]
+    args = [f"hydra.run.dir={run_dir}", "cache=off", "train.teacher.epochs=1", "train.student.epochs=1", *BRIEF_TIMING]
     assert run_kdrun(args, cwd=tmp_path).returncode == 0
     first = numbers(read_metrics(run_dir))
     again = run_kdrun(args, cwd=tmp_path)
@@ -120,15 +122,10 @@ def test_rerunning_a_finished_run_skips_every_stage(tmp_path):
     log = (run_dir / "kdrun.log").read_text()
     assert log.count("finished by an earlier attempt of this run") == 3
     assert numbers(read_metrics(run_dir)) == first
-
-
-def test_resuming_with_other_settings_is_refused(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", "cache=off", "train.teacher.epochs=1", "train.student.epochs=1"]
-    assert run_kdrun(args, cwd=tmp_path).returncode == 0
     other = run_kdrun([*args, "T=2"], cwd=tmp_path)
     assert other.returncode == 2
     assert f"kdrun: error: {run_dir} holds a run with other settings (T: 4.0 there, 2 now)" in other.stderr
+    assert numbers(read_metrics(run_dir)) == first  # the refused run changed nothing
 
 
 def test_diverging_teacher_fails_clearly_and_caches_nothing(tmp_path):
