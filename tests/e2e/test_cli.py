@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kdrun.models.checkpoint import read_checkpoint
 from kdrun.training.runtime import resolve_runtime
-from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun
+from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun, run_kdrun_batch_once
 
 STAGE_KEYS = {
     "source",
@@ -216,11 +216,14 @@ class _Payload:
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> Path:
     """Files that the bad-input table points kdrun at: broken configs and checkpoints of every kind."""
+    return built_once(tmp_path_factory, "bad-files", _write_bad_files)
+
+
+def _write_bad_files(d: Path) -> None:
     from kdrun.data import DataSpec
     from kdrun.models import build_model
     from kdrun.models.checkpoint import save_model
 
-    d = tmp_path_factory.mktemp("bad")
     (d / "afile").write_text("a file, not a folder\n")
     (d / "conf" / "student").mkdir(parents=True)
     (d / "conf" / "student" / "broken.yaml").write_text("name: small_cnn\nchannels: [16, 32\n")
@@ -240,21 +243,54 @@ def bad_files(tmp_path_factory) -> Path:
     save_model(d / "c100.safetensors", build_model(resnet20, DataSpec(100, 1, 8)), resnet20, DataSpec(100, 1, 8))
     save_model(d / "rgb.safetensors", build_model(resnet20, DataSpec(10, 3, 8)), resnet20, DataSpec(10, 3, 8))
     torch.save(build_model(resnet20, DataSpec(100, 1, 8)).state_dict(), d / "sd100.pt")  # bare: no metadata
-    return d
 
 
-@pytest.mark.parametrize("args,message", CLI_ERRORS)
-def test_bad_input_exits_non_zero_with_one_line(tmp_path, bad_files, args, message):
-    args = [a.format(d=bad_files) for a in args]
-    run_dir = tmp_path / "run"
-    run_dir_args = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={run_dir}"]
-    result = run_kdrun([*args, *run_dir_args], cwd=tmp_path, timeout=120)
+def bad_input_call(row: int, bad_files: Path, folder: Path) -> tuple[list[str], Path]:
+    """Row ``row`` of the table as a command line, run from ``folder`` into ``folder/run`` unless it names a run dir."""
+    args = [a.format(d=bad_files) for a in CLI_ERRORS[row][0]]
+    run_dir_args = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={folder / 'run'}"]
+    return [*args, *run_dir_args], folder
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(bad_files, tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Every row of the table through kdrun's entry point, all in one process (a process a row spent ~3 s each in
+    imports): each row's folder and its exit status and stderr."""
+
+    def rows(folder: Path) -> list[list[str]]:
+        return [bad_input_call(row, bad_files, folder / str(row))[0] for row in range(len(CLI_ERRORS))]
+
+    return run_kdrun_batch_once(tmp_path_factory, "bad-input", rows)
+
+
+@pytest.mark.parametrize("row", range(len(CLI_ERRORS)), ids=[m for _, m in CLI_ERRORS])
+def test_bad_input_exits_non_zero_with_one_line(bad_files, bad_input_results, row):
+    folder, result = bad_input_results[row]
+    message = CLI_ERRORS[row][1]
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("kdrun: error: ") and message.format(d=bad_files) in lines[0], lines[0]
-    assert not (run_dir / "metrics.json").exists()
+    assert not (folder / "run" / "metrics.json").exists()
     assert not (bad_files / "pwned").exists()  # the malicious pickle never ran
+
+
+# One row of each kind of failure: a Hydra group option, a value, a path, a YAML file, a pickle that must not run.
+AS_PROCESSES = ["teacher=resnet1000", "T=-1", "hydra.run.dir={d}/afile/run", "student=broken", "{d}/evil.pt"]
+
+
+def test_the_rows_fail_alike_as_separate_kdrun_processes(bad_files, bad_input_results, tmp_path):
+    """The batch above against the real thing: the same exit status and stderr from a ``kdrun`` process of its own."""
+    rows = [next(r for r, (args, _) in enumerate(CLI_ERRORS) if any(key in a for a in args)) for key in AS_PROCESSES]
+    for row in rows:
+        folder = tmp_path / f"row{row}"
+        folder.mkdir()
+        args, _ = bad_input_call(row, bad_files, folder)
+        alone, batched = run_kdrun(args, cwd=folder, timeout=120), bad_input_results[row][1]
+        normalise = str(bad_input_results[row][0]), str(folder)  # each ran from its own folder
+        assert alone.returncode == batched.returncode, (args, alone.stderr)
+        assert alone.stderr == batched.stderr.replace(*normalise), args
+    assert not (bad_files / "pwned").exists()
 
 
 def test_the_bad_input_table_is_large():
