@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,24 +60,6 @@ def run_kdrun(
     return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def run_kdrun_batch(calls: list[tuple[list[str], Path]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Each ``(args, cwd)`` through kdrun's console entry point, all in one Python process (tests/kdrun_batch.py):
-    for tables of refused inputs, which a process each would spend in imports. tests/e2e/test_cli.py checks that a
-    sample of rows gives the same exit status and stderr as separate ``kdrun`` processes."""
-    payload = json.dumps([{"args": [str(a) for a in args], "cwd": str(cwd)} for args, cwd in calls])
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        done = subprocess.run([sys.executable, str(REPO / "tests" / "kdrun_batch.py"), str(out)], input=payload,
-                              capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)  # fmt: skip
-        assert done.returncode == 0 and out.is_file(), done.stderr[-3000:]
-        results = json.loads(out.read_text())
-    return [
-        subprocess.CompletedProcess(["kdrun", *args], r["returncode"], "", r["stderr"])
-        for (args, _), r in zip(calls, results, strict=True)
-    ]
-
-
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """A folder that ``build`` fills once per test session, shared by every xdist worker; for module fixtures that
     are costly and that no test changes. Under ``--dist worksteal`` a module's tests run on both workers, and a
@@ -102,19 +83,25 @@ def run_kdrun_batch_once(
     tmp_path_factory, name: str, rows: Callable[[Path], list[list[str]]]
 ) -> list[tuple[Path, subprocess.CompletedProcess]]:
     """The command lines ``rows(folder)`` gives, row ``i`` run from the folder ``folder/<i>`` made for it, through
-    run_kdrun_batch once per session whichever xdist workers ask (built_once): each row's folder and result."""
+    kdrun's console entry point all in one Python process (tests/kdrun_batch.py), once per session whichever xdist
+    workers ask (built_once): each row's folder and result. For tables of refused inputs, which a process each
+    would spend in imports; tests/e2e/test_cli.py checks a sample of rows against separate ``kdrun`` processes."""
 
     def build(folder: Path) -> None:
-        calls = [(args, folder / str(i)) for i, args in enumerate(rows(folder))]
-        for _, cwd in calls:
-            cwd.mkdir()
-        results = [[r.returncode, r.stderr] for r in run_kdrun_batch(calls)]
-        (folder / "results.json").write_text(json.dumps(results))
+        calls = [{"args": args, "cwd": str(folder / str(i))} for i, args in enumerate(rows(folder))]
+        for call in calls:
+            Path(call["cwd"]).mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        command = [sys.executable, str(REPO / "tests" / "kdrun_batch.py"), str(folder / "results.json")]
+        payload = json.dumps(calls)
+        done = subprocess.run(command, input=payload, capture_output=True, text=True, env=env, cwd=folder, timeout=600)
+        assert done.returncode == 0 and (folder / "results.json").is_file(), done.stderr[-3000:]
 
     folder = built_once(tmp_path_factory, name, build)
     saved = json.loads((folder / "results.json").read_text())
     return [
-        (folder / str(i), subprocess.CompletedProcess(["kdrun"], code, "", err)) for i, (code, err) in enumerate(saved)
+        (folder / str(i), subprocess.CompletedProcess(["kdrun"], r["returncode"], "", r["stderr"]))
+        for i, r in enumerate(saved)
     ]
 
 
