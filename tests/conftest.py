@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import importlib.metadata
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,14 +57,76 @@ def mnist_root() -> Path:
 
 
 def run_kdrun(
-    args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, command: str = "kdrun"
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    env: dict | None = None,
+    command: str = "kdrun",
+    cold: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run an installed console script (``kdrun`` unless ``command`` names another) as a user would."""
+    """Run an installed console script (``kdrun`` unless ``command`` names another) as a user would: in a process
+    forked from this worker's fork server (tests/kdrun_forkserver.py), which has done the imports; ``cold=True``, or
+    an ``env`` (which may change what is imported), starts the script itself in a new interpreter."""
     script = KDRUN.with_name(command)
     assert script.exists(), f"the {command} command is not installed next to {sys.executable}: pip install -e ."
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if cold or env:
+        return subprocess.run(
+            [str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+        )
+    return _fork_server().run(script, args, cwd, full_env, timeout)
+
+
+class _ForkServer:
+    """This worker's tests/kdrun_forkserver.py, started on first use and stopped when the worker exits."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="kdrun-forkserver-"))
+        self.log = (self.folder / "server.err").open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "kdrun_forkserver.py"), str(KDRUN.parent)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            bufsize=0,  # unbuffered: select() sees every answer
+        )
+        atexit.register(self.close)
+
+    def run(self, script: Path, args: list[str], cwd: Path, env: dict, timeout: float):
+        (entry,) = importlib.metadata.entry_points(group="console_scripts", name=script.name)
+        streams = {name: self.folder / f"{name}.txt" for name in ("stdout", "stderr")}
+        call = {"argv": [str(script), *args], "entry": entry.value, "cwd": str(cwd), "env": env}
+        self.proc.stdin.write((json.dumps({**call, **{k: str(v) for k, v in streams.items()}}) + "\n").encode())
+        pid = self._answer(600)["pid"]  # the first call waits for the imports too (half a minute from a cold disk)
+        try:
+            returncode = self._answer(timeout)["returncode"]
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)  # as subprocess.run does on a timeout
+            self._answer(60)
+            raise subprocess.TimeoutExpired([str(script), *args], timeout) from None
+        out, err = (streams[name].read_text() for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess([str(script), *args], returncode, out, err)
+
+    def _answer(self, timeout: float) -> dict:
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise subprocess.TimeoutExpired("kdrun fork server", timeout)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the kdrun fork server ended: {(self.folder / 'server.err').read_text()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a server that has ended already
+            self.proc.stdin.close()
+        self.proc.wait(60)
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@functools.cache
+def _fork_server() -> _ForkServer:
+    return _ForkServer()
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
@@ -77,32 +146,6 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
             build(folder)
             (folder / ".built").touch()
     return folder
-
-
-def run_kdrun_batch_once(
-    tmp_path_factory, name: str, rows: Callable[[Path], list[list[str]]]
-) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """The command lines ``rows(folder)`` gives, row ``i`` run from the folder ``folder/<i>`` made for it, through
-    kdrun's console entry point all in one Python process (tests/kdrun_batch.py), once per session whichever xdist
-    workers ask (built_once): each row's folder and result. For tables of refused inputs, which a process each
-    would spend in imports; tests/e2e/test_cli.py checks a sample of rows against separate ``kdrun`` processes."""
-
-    def build(folder: Path) -> None:
-        calls = [{"args": args, "cwd": str(folder / str(i))} for i, args in enumerate(rows(folder))]
-        for call in calls:
-            Path(call["cwd"]).mkdir()
-        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-        command = [sys.executable, str(REPO / "tests" / "kdrun_batch.py"), str(folder / "results.json")]
-        payload = json.dumps(calls)
-        done = subprocess.run(command, input=payload, capture_output=True, text=True, env=env, cwd=folder, timeout=600)
-        assert done.returncode == 0 and (folder / "results.json").is_file(), done.stderr[-3000:]
-
-    folder = built_once(tmp_path_factory, name, build)
-    saved = json.loads((folder / "results.json").read_text())
-    return [
-        (folder / str(i), subprocess.CompletedProcess(["kdrun"], r["returncode"], "", r["stderr"]))
-        for i, r in enumerate(saved)
-    ]
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -1,6 +1,7 @@
 """The real ``kdrun`` command in a subprocess: output contract, TensorBoard, errors, packaging."""
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kdrun.models.checkpoint import read_checkpoint
 from kdrun.training.runtime import resolve_runtime
-from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun, run_kdrun_batch_once
+from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun
 
 STAGE_KEYS = {
     "source",
@@ -252,26 +253,15 @@ def bad_input_call(row: int, bad_files: Path, folder: Path) -> tuple[list[str], 
     return [*args, *run_dir_args], folder
 
 
-@pytest.fixture(scope="module")
-def bad_input_results(bad_files, tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """Every row of the table through kdrun's entry point, all in one process (a process a row spent ~3 s each in
-    imports): each row's folder and its exit status and stderr."""
-
-    def rows(folder: Path) -> list[list[str]]:
-        return [bad_input_call(row, bad_files, folder / str(row))[0] for row in range(len(CLI_ERRORS))]
-
-    return run_kdrun_batch_once(tmp_path_factory, "bad-input", rows)
-
-
 @pytest.mark.parametrize("row", range(len(CLI_ERRORS)), ids=[m for _, m in CLI_ERRORS])
-def test_bad_input_exits_non_zero_with_one_line(bad_files, bad_input_results, row):
-    folder, result = bad_input_results[row]
+def test_bad_input_exits_non_zero_with_one_line(bad_files, tmp_path, row):
+    result = run_kdrun(*bad_input_call(row, bad_files, tmp_path), timeout=120)
     message = CLI_ERRORS[row][1]
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("kdrun: error: ") and message.format(d=bad_files) in lines[0], lines[0]
-    assert not (folder / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
     assert not (bad_files / "pwned").exists()  # the malicious pickle never ran
 
 
@@ -279,18 +269,37 @@ def test_bad_input_exits_non_zero_with_one_line(bad_files, bad_input_results, ro
 AS_PROCESSES = ["teacher=resnet1000", "T=-1", "hydra.run.dir={d}/afile/run", "student=broken", "{d}/evil.pt"]
 
 
-def test_the_rows_fail_alike_as_separate_kdrun_processes(bad_files, bad_input_results, tmp_path):
-    """The batch above against the real thing: the same exit status and stderr from a ``kdrun`` process of its own."""
+def test_forked_kdrun_processes_fail_and_finish_as_cold_ones(bad_files, tmp_path):
+    """run_kdrun's processes, forked from a server that has done the imports (tests/kdrun_forkserver.py), against
+    ``kdrun`` started cold: a row of each kind of refusal gives the same exit status and stderr, and a finished run
+    the same log lines and numbers, its timings and peak memory aside (a forked child shares the imports' pages)."""
     rows = [next(r for r, (args, _) in enumerate(CLI_ERRORS) if any(key in a for a in args)) for key in AS_PROCESSES]
     for row in rows:
-        folder = tmp_path / f"row{row}"
-        folder.mkdir()
-        args, _ = bad_input_call(row, bad_files, folder)
-        alone, batched = run_kdrun(args, cwd=folder, timeout=120), bad_input_results[row][1]
-        normalise = str(bad_input_results[row][0]), str(folder)  # each ran from its own folder
-        assert alone.returncode == batched.returncode, (args, alone.stderr)
-        assert alone.stderr == batched.stderr.replace(*normalise), args
+        call = bad_input_call(row, bad_files, tmp_path)
+        forked, cold = (run_kdrun(*call, timeout=120, cold=c) for c in (False, True))
+        assert forked.returncode == cold.returncode == 2, (row, cold.stderr)
+        assert forked.stderr == cold.stderr, row
     assert not (bad_files / "pwned").exists()
+
+    runs = {}
+    for how in ("forked", "cold"):
+        folder = tmp_path / how  # each with a cache of its own
+        folder.mkdir()
+        result = run_kdrun([f"hydra.run.dir={folder / 'run'}", *QUICK], cwd=folder, cold=how == "cold")
+        assert result.returncode == 0, result.stderr[-3000:]
+        timed = re.compile(r"[0-9.]+ ?(img/s|s|ms)\b")
+        log = [timed.sub("<timed>", line.split("] - ", 1)[-1]) for line in result.stdout.splitlines()]
+        metrics = json.loads((folder / "run" / "metrics.json").read_text())
+        runs[how] = ("\n".join(log).replace(str(folder), "<folder>"), result.stderr.count("\n"), strip_timings(metrics))
+    assert runs["forked"] == runs["cold"]
+
+
+def strip_timings(metrics):
+    """``metrics`` without what was measured of the process: times, throughput, latency, peak memory."""
+    timed = ("time", "img_per_s", "latency", "throughput", "speedup", "mem")
+    if isinstance(metrics, dict):
+        return {k: strip_timings(v) for k, v in metrics.items() if not any(t in k for t in timed)}
+    return metrics
 
 
 def test_the_bad_input_table_is_large():

@@ -1,16 +1,11 @@
 """A sample of the hostile-value table (tests/unit/test_hostile_config.py) through kdrun's command-line entry point:
-exit 2 with one line naming the key, no traceback, no training and nothing written to the cache (the refused rows
-run in one process, tests/kdrun_batch.py, which tests/e2e/test_cli.py checks against separate ``kdrun`` processes);
-or, as a real ``kdrun`` process, a finished run."""
+exit 2 with one line naming the key, no traceback, no training and nothing written to the cache; or a finished run."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import BRIEF_TIMING, run_kdrun, run_kdrun_batch_once
+from tests.conftest import BRIEF_TIMING, run_kdrun
 
 REFUSED = [
     ("T=nan", "T=nan"),
@@ -27,23 +22,11 @@ REFUSED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def refused_results(tmp_path_factory) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """Each row run from a folder of its own, into its ``run`` and ``cache`` subfolders."""
-
-    def rows(folder: Path) -> list[list[str]]:
-        return [
-            [*overrides.split(), f"hydra.run.dir={folder / str(i) / 'run'}", f"cache.dir={folder / str(i) / 'cache'}"]
-            for i, (overrides, _) in enumerate(REFUSED)
-        ]
-
-    return run_kdrun_batch_once(tmp_path_factory, "hostile-refused", rows)
-
-
-@pytest.mark.parametrize("row", range(len(REFUSED)), ids=[o for o, _ in REFUSED])
-def test_refused_before_any_work(refused_results, row):
-    (folder, result), named = refused_results[row], REFUSED[row][1]
-    run_dir, cache = folder / "run", folder / "cache"
+@pytest.mark.parametrize("overrides,named", REFUSED, ids=[o for o, _ in REFUSED])
+def test_refused_before_any_work(tmp_path, overrides, named):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*overrides.split(), f"hydra.run.dir={run_dir}", f"cache.dir={cache}"]
+    result = run_kdrun(args, cwd=tmp_path, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and named in lines[0], lines
