@@ -8,6 +8,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -97,7 +98,8 @@ class _ForkServer:
         (entry,) = importlib.metadata.entry_points(group="console_scripts", name=script.name)
         streams = {name: self.folder / f"{name}.txt" for name in ("stdout", "stderr")}
         call = {"argv": [str(script), *args], "entry": entry.value, "cwd": str(cwd), "env": env}
-        self.proc.stdin.write((json.dumps({**call, **{k: str(v) for k, v in streams.items()}}) + "\n").encode())
+        call.update({name: str(path) for name, path in streams.items()})
+        self.proc.stdin.write((json.dumps(call) + "\n").encode())
         pid = self._answer(600)["pid"]  # the first call waits for the imports too (half a minute from a cold disk)
         try:
             returncode = self._answer(timeout)["returncode"]
@@ -150,3 +152,15 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+# metrics.json keys that measure the process, not the models: no two runs share them.
+_MEASURED = re.compile(r"train_time_s|img_per_s|peak_mem_mb|latency_|throughput_|speedup_")
+
+
+def without_timings(metrics):
+    """``metrics`` (metrics.json or a part of it) without its wall times, throughput, latency, speed-ups and peak
+    memory, at every depth."""
+    if isinstance(metrics, dict):
+        return {k: without_timings(v) for k, v in metrics.items() if not _MEASURED.match(k)}
+    return metrics

@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from kdrun.models.checkpoint import read_checkpoint
 from kdrun.training.runtime import resolve_runtime
-from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun
+from tests.conftest import QUICK, REPO, built_once, read_metrics, run_kdrun, without_timings
 
 STAGE_KEYS = {
     "source",
@@ -289,17 +289,9 @@ def test_forked_kdrun_processes_fail_and_finish_as_cold_ones(bad_files, tmp_path
         assert result.returncode == 0, result.stderr[-3000:]
         timed = re.compile(r"[0-9.]+ ?(img/s|s|ms)\b")
         log = [timed.sub("<timed>", line.split("] - ", 1)[-1]) for line in result.stdout.splitlines()]
-        metrics = json.loads((folder / "run" / "metrics.json").read_text())
-        runs[how] = ("\n".join(log).replace(str(folder), "<folder>"), result.stderr.count("\n"), strip_timings(metrics))
+        metrics = without_timings(read_metrics(folder / "run"))
+        runs[how] = ("\n".join(log).replace(str(folder), "<folder>"), result.stderr.count("\n"), metrics)
     assert runs["forked"] == runs["cold"]
-
-
-def strip_timings(metrics):
-    """``metrics`` without what was measured of the process: times, throughput, latency, peak memory."""
-    timed = ("time", "img_per_s", "latency", "throughput", "speedup", "mem")
-    if isinstance(metrics, dict):
-        return {k: strip_timings(v) for k, v in metrics.items() if not any(t in k for t in timed)}
-    return metrics
 
 
 def test_the_bad_input_table_is_large():

@@ -12,24 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import BRIEF_TIMING, KDRUN, built_once, read_metrics, run_kdrun
+from tests.conftest import BRIEF_TIMING, KDRUN, built_once, read_metrics, run_kdrun, without_timings
 
 # The default digits run with fewer epochs: a few seconds, three stages, epochs to land a kill in. Its report's
 # timings are brief: they are left out of every comparison here.
 RUN = ["train.teacher.epochs=6", "train.student.epochs=20", "train.progress=false", *BRIEF_TIMING]
-TIMING = {"train_time_s", "img_per_s", "peak_mem_mb", "latency_ms_b1", "throughput_b256"}
-TIMING |= {f"{k}_{s}" for k in ("latency_ms_b1", "throughput_b256") for s in ("iqr", "n")}  # spread, count
-
-
-def numbers(metrics: dict) -> dict:
-    """metrics.json without the wall-clock figures, which no two runs share."""
-    out = {k: v for k, v in metrics.items() if k not in ("teacher", "baseline", "student", "evaluation")}
-    evaluation = out["evaluation"] = dict(metrics["evaluation"])
-    for stage in ("teacher", "baseline", "student"):
-        out[stage] = {k: v for k, v in metrics[stage].items() if k not in TIMING}
-        evaluation[stage] = {k: v for k, v in evaluation[stage].items() if k not in TIMING}
-    evaluation.pop("student_vs_teacher")  # its speed-ups are timings
-    return out
 
 
 def _reference_run(tmp: Path) -> None:
@@ -39,7 +26,7 @@ def _reference_run(tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    return numbers(read_metrics(built_once(tmp_path_factory, "resume-reference", _reference_run) / "run"))
+    return without_timings(read_metrics(built_once(tmp_path_factory, "resume-reference", _reference_run) / "run"))
 
 
 def start_and_stop(run_dir: Path, cwd: Path, sig: int, extra: list[str]) -> subprocess.CompletedProcess:
@@ -81,7 +68,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_metrics(tmp_path, 
     assert killed.returncode in (-signal.SIGKILL, 0)  # 0: the run was already done when the signal came
     resumed = run_kdrun([f"resume={run_dir}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, want = numbers(read_metrics(run_dir)), json.loads(json.dumps(reference))
+    got, want = without_timings(read_metrics(run_dir)), json.loads(json.dumps(reference))
     for stage in ("teacher", "baseline"):  # where the model came from differs from the reference (cache=off)
         key = got[stage].pop("cache_key")
         assert key and want[stage].pop("cache_key") is None
@@ -108,7 +95,7 @@ def test_sigterm_stops_at_a_step_boundary_says_how_to_resume_and_resumes_exactly
     assert not (run_dir / "metrics.json").exists()
     resumed = run_kdrun([f"resume={run_dir}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert numbers(read_metrics(run_dir)) == reference
+    assert without_timings(read_metrics(run_dir)) == reference
     assert_no_partial_files(run_dir)
 
 
@@ -116,16 +103,16 @@ def test_a_finished_run_rerun_skips_every_stage_and_with_other_settings_is_refus
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}", "cache=off", "train.teacher.epochs=1", "train.student.epochs=1", *BRIEF_TIMING]
     assert run_kdrun(args, cwd=tmp_path).returncode == 0
-    first = numbers(read_metrics(run_dir))
+    first = without_timings(read_metrics(run_dir))
     again = run_kdrun(args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     log = (run_dir / "kdrun.log").read_text()
     assert log.count("finished by an earlier attempt of this run") == 3
-    assert numbers(read_metrics(run_dir)) == first
+    assert without_timings(read_metrics(run_dir)) == first
     other = run_kdrun([*args, "T=2"], cwd=tmp_path)
     assert other.returncode == 2
     assert f"kdrun: error: {run_dir} holds a run with other settings (T: 4.0 there, 2 now)" in other.stderr
-    assert numbers(read_metrics(run_dir)) == first  # the refused run changed nothing
+    assert without_timings(read_metrics(run_dir)) == first  # the refused run changed nothing
 
 
 def test_diverging_teacher_fails_clearly_and_caches_nothing(tmp_path):
