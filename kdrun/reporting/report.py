@@ -24,8 +24,9 @@ def assemble(
     """metrics.json as the output contract describes it: config, one entry per stage that ran, gain, objective.
 
     With ``config["test_images"]`` (n) each stage also gets ``test_acc_ci95``, and with a baseline the run gets
-    ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not ahead beyond noise;
-    ``teacher_is_baseline``: the baseline is the teacher retrained, as in self-distillation, which it says).
+    ``kd_gain_ci95`` and ``teacher_lead`` with its interval (and ``teacher_lead_warning`` when the teacher is not
+    ahead beyond noise; ``teacher_is_baseline``: the baseline is the teacher retrained, as in self-distillation,
+    which it says).
     A student that a search's pruner stopped early makes the run ``pruned`` (and gives its ``pruned_epoch``): its
     numbers are those of the epochs it trained.
     """
@@ -37,7 +38,10 @@ def assemble(
             if name in stages:
                 metrics[name]["test_acc_ci95"] = list(wilson_interval(stages[name]["test_acc"], n))
     if "baseline" in stages and "student" in stages:
-        metrics["kd_gain"] = stages["student"]["test_acc"] - stages["baseline"]["test_acc"]
+        student, baseline = stages["student"]["test_acc"], stages["baseline"]["test_acc"]
+        metrics["kd_gain"] = student - baseline
+        if n:
+            metrics["kd_gain_ci95"] = list(difference_interval(student, n, baseline, n))
     metrics["objective"] = stages["student"]["val_acc_best"]
     if stages["student"].get("stopped_epoch") is not None:  # only a search trial's pruner stops the student early
         metrics.update(pruned=True, pruned_epoch=stages["student"]["stopped_epoch"])
@@ -131,9 +135,18 @@ def _pct_ci(entry: dict[str, Any] | None) -> str:
 
 def lead_line(metrics: dict[str, Any]) -> str:
     """The teacher's lead over the baseline in points, with its interval when known."""
-    ci = metrics.get("teacher_lead_ci95")
+    return _difference(metrics["teacher_lead"], metrics.get("teacher_lead_ci95"))
+
+
+def gain_line(metrics: dict[str, Any]) -> str:
+    """The KD gain in points, with its interval when known, and "within noise" when that contains 0."""
+    ci = metrics.get("kd_gain_ci95")
+    return _difference(metrics["kd_gain"], ci) + (": within noise" if ci and ci[0] <= 0 <= ci[1] else "")
+
+
+def _difference(value: float, ci: list[float] | None) -> str:
     interval = f", 95% CI [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] (Newcombe)" if ci else ""
-    return f"{100 * metrics['teacher_lead']:+.2f} points{interval}"
+    return f"{100 * value:+.2f} points{interval}"
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -160,7 +173,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if "kd_gain" in metrics:
-        lines.append(f"KD gain (student - baseline test acc, last epoch): {100 * metrics['kd_gain']:+.2f} points")
+        lines.append(f"KD gain (student - baseline test acc, last epoch): {gain_line(metrics)}")
     if "teacher_lead" in metrics:
         lines.append(f"teacher lead (teacher - baseline test acc, last epoch): {lead_line(metrics)}")
     if "teacher_lead_warning" in metrics:
@@ -281,7 +294,7 @@ def _gain_lines(metrics: dict[str, Any]) -> list[str]:
     if "kd_gain" in metrics:
         lines += [
             "",
-            f"**KD gain** (student - baseline test accuracy, last epoch): {100 * metrics['kd_gain']:+.2f} points.",
+            f"**KD gain** (student - baseline test accuracy, last epoch): {gain_line(metrics)}.",
         ]
     if "teacher_lead" in metrics:
         lines += ["", f"**Teacher lead** (teacher - baseline test accuracy, last epoch): {lead_line(metrics)}."]

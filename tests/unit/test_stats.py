@@ -83,6 +83,29 @@ def test_a_teacher_within_noise_of_the_baseline_is_warned_about():
     assert f"94.50% [{100 * low:.2f}, {100 * high:.2f}] |" in report
 
 
+def test_the_kd_gain_of_one_run_gets_its_interval_and_says_when_it_is_within_noise():
+    # 95.0% vs 94.0% on 1000 images: gain +1.00 points, Newcombe 95% CI [-1.02, +3.03] (as the lead above).
+    metrics = assemble(CONFIG, {"teacher": stage(0.99), "baseline": stage(0.94), "student": stage(0.95)})
+    assert metrics["kd_gain_ci95"] == pytest.approx([-0.0101548, 0.0303024], abs=1e-6)
+    line = "KD gain (student - baseline test acc, last epoch): +1.00 points, 95% CI [-1.02, +3.03] (Newcombe): "
+    assert line + "within noise" in summary_table(metrics)
+    evaluation = {
+        "split": "test", "samples": 1000, "device": "cpu", "amp": "off", "ece_bins": 15,
+        **{s: {"acc": 0.9, "per_class_acc": [0.9], "throughput_b8": 1.0} for s in ("teacher", "baseline", "student")},
+    }  # fmt: skip
+    report = report_markdown({**metrics, "evaluation": evaluation})
+    assert "last epoch): +1.00 points, 95% CI [-1.02, +3.03] (Newcombe): within noise." in report
+    # 99.0% vs 95.0%: [+2.55, +5.60], beyond noise, and the line does not say "within noise".
+    metrics = assemble(CONFIG, {"teacher": stage(0.995), "baseline": stage(0.95), "student": stage(0.99)})
+    assert metrics["kd_gain_ci95"] == pytest.approx([0.0255108, 0.0559781], abs=1e-6)
+    table = summary_table(metrics)
+    assert "last epoch): +4.00 points, 95% CI [+2.55, +5.60] (Newcombe)\n" in table and "within noise" not in table
+    # A loss beyond noise is not "within noise" either: 95.0% vs 99.0%.
+    metrics = assemble(CONFIG, {"teacher": stage(0.995), "baseline": stage(0.99), "student": stage(0.95)})
+    assert metrics["kd_gain_ci95"] == pytest.approx([-0.0559781, -0.0255108], abs=1e-6)
+    assert "within noise" not in summary_table(metrics)
+
+
 def test_a_self_distillation_says_its_teacher_is_the_baseline():
     stages = {"teacher": stage(0.95), "baseline": stage(0.95), "student": stage(0.951)}
     metrics = assemble(CONFIG, stages, teacher_is_baseline=True)
@@ -99,7 +122,8 @@ def test_no_lead_without_a_baseline_and_no_interval_without_the_test_size():
     assert "teacher_lead" not in metrics and "kd_gain" not in metrics
     old = assemble({k: v for k, v in CONFIG.items() if k != "test_images"},
                    {"teacher": stage(0.9), "baseline": stage(0.95), "student": stage(0.95)})  # fmt: skip
-    assert "test_acc_ci95" not in old["student"] and "teacher_lead_ci95" not in old
+    assert "test_acc_ci95" not in old["student"] and "teacher_lead_ci95" not in old and "kd_gain_ci95" not in old
+    assert "KD gain (student - baseline test acc, last epoch): +0.00 points\n" in summary_table(old)
     assert old["teacher_lead_warning"].endswith("lead -5.00 points)")
 
 
