@@ -443,7 +443,7 @@ def _results_table(jobs: list[Job], axes: list[str]) -> list[str]:
                 _mean_std(_ok_values(ok, "objective")),
                 _mean_std(_ok_values(ok, "student.test_acc")),
                 _mean_std(_ok_values(ok, "kd_gain"), signed=True),
-                _interval_cell(gain),
+                _interval_cell(gain, ok),
                 "; ".join(_row_notes(ok, gain) + _pruned_notes(group)),
                 _group_status(group),
             ]
@@ -451,15 +451,28 @@ def _results_table(jobs: list[Job], axes: list[str]) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _interval_cell(gain: MeanInterval) -> str:
+def _interval_cell(gain: MeanInterval, ok: list[Job]) -> str:
     if gain.low is None or gain.high is None:
+        run = _run_interval(ok, gain)
+        if run is not None:  # one seed: the run's own interval over its test images
+            return f"n=1: [{100 * run[0]:+.2f}, {100 * run[1]:+.2f}] over test images (Newcombe)"
         return "n=1: no interval" if gain.n == 1 else "–"
     return f"[{100 * gain.low:+.2f}, {100 * gain.high:+.2f}]"
 
 
+def _run_interval(ok: list[Job], gain: MeanInterval) -> list[float] | None:
+    """The ``kd_gain_ci95`` of a row whose gain comes from one run (runs older than that key have none)."""
+    if gain.n != 1:
+        return None
+    (job,) = (job for job in ok if job.metrics.get("kd_gain") is not None)
+    return job.metrics.get("kd_gain_ci95")
+
+
 def _row_notes(ok: list[Job], gain: MeanInterval) -> list[str]:
     """What a pooled row must not hide: a gain within noise, flagged runs, a teacher no better than the baseline."""
-    notes = ["**within noise**"] if gain.within_noise else []
+    run = _run_interval(ok, gain)
+    within = gain.within_noise if run is None else run[0] <= 0 <= run[1]
+    notes = ["**within noise**"] if within else []
     for flag in FLAGS:
         flagged = [job for job in ok if any(f == flag for _, f, _ in job_flags(job))]
         if flagged:

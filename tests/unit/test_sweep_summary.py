@@ -367,6 +367,22 @@ def test_a_single_seed_has_no_interval(tmp_path):
     assert table[0][5] == "n=1: no interval" and table[1][5] == "–"
 
 
+def test_a_single_seed_row_shows_its_runs_own_interval_and_whether_it_is_within_noise(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4"])
+    for overrides, acc, ci in ((["T=1"], 0.97, [-0.0102, 0.0303]), (["T=4"], 0.99, [0.0255, 0.056])):
+        path = add_job(sweep, overrides, acc) / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "kd_gain_ci95": ci}))
+
+    write_summary(sweep)
+
+    table = {row[0]: row for row in table_rows((sweep / "summary.md").read_text())}
+    assert table["1"][5:7] == ["n=1: [-1.02, +3.03] over test images (Newcombe)", "**within noise**"]
+    assert table["4"][5:7] == ["n=1: [+2.55, +5.60] over test images (Newcombe)", ""]
+    rows = {row["T"]: row for row in read_csv(sweep)}  # the csv's gain columns stay over seeds: none for one
+    assert rows["1"]["within_noise"] == rows["1"]["gain_ci95_low"] == ""
+    assert json.loads(rows["1"]["kd_gain_ci95"]) == [-0.0102, 0.0303]
+
+
 def test_flagged_runs_are_marked_and_never_pooled_silently(tmp_path):
     sweep = make_sweep(tmp_path / "sweep", ["seed=0,1,2", "T=1,4"])
     jobs = {(seed, T): add_job(sweep, [f"seed={seed}", f"T={T}"], 0.97) for seed in range(3) for T in (1, 4)}
