@@ -95,6 +95,8 @@ def hparam_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if stage in metrics and metrics[stage].get(key) is not None:
                 out[f"final/{stage}_{key}"] = float(metrics[stage][key])
     out.update({f"final/{k}": float(metrics[k]) for k in HPARAM_RUN_METRICS if k in metrics})
+    if "kd_gain_ci95" in metrics:  # the gain's error bar beside it, to sort runs by its low end
+        out["final/kd_gain_ci95_low"], out["final/kd_gain_ci95_high"] = map(float, metrics["kd_gain_ci95"])
     evaluation = metrics.get("evaluation") or {}
     for stage in ("baseline", "student"):
         for key in HPARAM_EVAL_METRICS:

@@ -91,7 +91,7 @@ def test_default_run_writes_the_output_contract(tmp_path):
             f"{stage}/img_per_s",
         } <= tags
     assert {"student/train/ce", "student/train/kd"} <= tags
-    assert {"final/student_test_acc", "final/kd_gain"} <= tags
+    assert {"final/student_test_acc", "final/kd_gain", "final/kd_gain_ci95_low", "final/kd_gain_ci95_high"} <= tags
     hp = hparams_of(acc)
     assert hp["dataset"] == "digits" and hp["teacher"] == "resnet20" and hp["T"] == 4.0 and hp["alpha"] == 0.2
     assert hp["student_epochs"] == 1

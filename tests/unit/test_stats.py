@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from kdrun.pipeline.run import run
-from kdrun.reporting.report import assemble, report_markdown, summary_table
+from kdrun.reporting.report import assemble, hparam_metrics, report_markdown, summary_table
 from kdrun.reporting.stats import difference_interval, t_interval, wilson_interval
 
 
@@ -87,6 +87,8 @@ def test_the_kd_gain_of_one_run_gets_its_interval_and_says_when_it_is_within_noi
     # 95.0% vs 94.0% on 1000 images: gain +1.00 points, Newcombe 95% CI [-1.02, +3.03] (as the lead above).
     metrics = assemble(CONFIG, {"teacher": stage(0.99), "baseline": stage(0.94), "student": stage(0.95)})
     assert metrics["kd_gain_ci95"] == pytest.approx([-0.0101548, 0.0303024], abs=1e-6)
+    hparams = hparam_metrics(metrics)
+    assert (hparams["final/kd_gain_ci95_low"], hparams["final/kd_gain_ci95_high"]) == tuple(metrics["kd_gain_ci95"])
     line = "KD gain (student - baseline test acc, last epoch): +1.00 points, 95% CI [-1.02, +3.03] (Newcombe): "
     assert line + "within noise" in summary_table(metrics)
     evaluation = {
