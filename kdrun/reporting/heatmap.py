@@ -21,16 +21,18 @@ MAX_GRID = 12  # more distinct values than this on either axis: a scatter plot i
 CMAP = colormaps["RdYlGn"].with_extremes(bad="lightgrey")
 MISSING = "grey"
 HATCH = "///"  # over a cell whose runs include a flagged (collapsed or diverged) student
+NOISE = "within noise"  # after a gain whose 95% interval contains 0
 
 
 @dataclass(frozen=True)
 class Marks:
-    """What the colours do not say: points whose jobs failed, points with a flagged student (-> its note), and
-    points whose only jobs a search's pruner stopped early."""
+    """What the colours do not say: points whose jobs failed, points with a flagged student (-> its note), points
+    whose only jobs a search's pruner stopped early, and points whose KD gain is within noise."""
 
     failed: Collection[Point] = ()
     flagged: Mapping[Point, str] = field(default_factory=dict)
     pruned: Collection[Point] = ()
+    noise: Collection[Point] = ()
 
 
 def plot_kind(values: Mapping[Point, float | None]) -> str:
@@ -65,7 +67,8 @@ def grid_figure(
 ) -> Figure:
     """The accuracy of each (T, alpha) point (None: no result), failed and flagged points marked.
 
-    Colours diverge from ``center`` (the baseline's accuracy); a flagged point is hatched and its note annotated.
+    Colours diverge from ``center`` (the baseline's accuracy); a flagged point is hatched and its note annotated;
+    a point whose gain is within noise says so under its gain (heatmap) or gets a grey ring (scatter).
     """
     norm = centred_norm([v for v in values.values() if v is not None], center)
     if plot_kind(values) == "scatter":
@@ -97,6 +100,7 @@ def _heatmap(ax, values, marks: Marks, norm, Ts: list[float], alphas: list[float
                 text, color = _no_result(marks, (t, a)), "black"
             else:
                 text = f"{100 * value:.2f}%\n{100 * (value - norm.vcenter):+.2f}"
+                text += f" {NOISE}" if (t, a) in marks.noise else ""
                 color = "white" if abs(norm(value) - 0.5) > 0.4 else "black"
             note = marks.flagged.get((t, a))
             if note:
@@ -126,7 +130,11 @@ def _scatter(ax, values, marks: Marks, norm) -> None:
         flagged = list(marks.flagged)
         ax.scatter(*zip(*flagged, strict=True), marker="s", s=160, facecolors="none", edgecolors="black",
                    hatch=HATCH, label="flagged student (collapsed or diverged)")  # fmt: skip
-    if len(done) < len(values) or marks.flagged:
+    noise = [p for p in marks.noise if values.get(p) is not None]
+    if noise:
+        ax.scatter(*zip(*noise, strict=True), marker="o", s=150, facecolors="none", edgecolors=MISSING,
+                   linewidths=1.5, label=f"KD gain {NOISE}")  # fmt: skip
+    if len(done) < len(values) or marks.flagged or noise:
         ax.legend(fontsize=8)
 
 

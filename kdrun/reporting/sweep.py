@@ -231,6 +231,15 @@ def grid_flags(jobs: list[Job]) -> dict[Point, str]:
     return notes
 
 
+def grid_noise(jobs: list[Job]) -> set[Point]:
+    """The (T, alpha) points whose KD gain is within noise (``within_noise`` of their ok jobs, seeds pooled)."""
+    points: dict[Point, list[Job]] = {}
+    for job in jobs:
+        if job.T is not None and job.alpha is not None and job.status == "ok":
+            points.setdefault((job.T, job.alpha), []).append(job)
+    return {p for p, ok in points.items() if within_noise(ok, t_interval(_ok_values(ok, "kd_gain")))}
+
+
 def colour_centre(jobs: list[Job], reference: str, values: dict[Point, float | None]) -> tuple[float, str]:
     """The heatmap's colour centre and how it was chosen: the mean baseline, else the median of the plotted values."""
     baseline = _mean_metric(jobs, reference)
@@ -258,7 +267,8 @@ def write_heatmaps(sweep_dir: Path, jobs: list[Job], keys: list[str]) -> list[Pa
             center, how = colour_centre(group, reference, values)
             title = f"distilled student {what}" + (f" ({label})" if label else "") + f"\n{how}"
             path = sweep_dir / f"heatmap_{name}{suffix}.png"
-            marks = Marks(failed, grid_flags(group), grid_pruned(group, values))
+            noise = grid_noise(group) if name == "test_acc" else ()  # the gain is a test-accuracy difference
+            marks = Marks(failed, grid_flags(group), grid_pruned(group, values), noise)
             written.append(plot_grid(values, marks, center, title, path, label=f"student {what}"))
     return written
 
@@ -468,11 +478,15 @@ def _run_interval(ok: list[Job], gain: MeanInterval) -> list[float] | None:
     return job.metrics.get("kd_gain_ci95")
 
 
+def within_noise(ok: list[Job], gain: MeanInterval) -> bool:
+    """Whether a row's gain interval contains 0: over seeds, or one run's own ``kd_gain_ci95``."""
+    run = _run_interval(ok, gain)
+    return bool(gain.within_noise) if run is None else run[0] <= 0 <= run[1]
+
+
 def _row_notes(ok: list[Job], gain: MeanInterval) -> list[str]:
     """What a pooled row must not hide: a gain within noise, flagged runs, a teacher no better than the baseline."""
-    run = _run_interval(ok, gain)
-    within = gain.within_noise if run is None else run[0] <= 0 <= run[1]
-    notes = ["**within noise**"] if within else []
+    notes = ["**within noise**"] if within_noise(ok, gain) else []
     for flag in FLAGS:
         flagged = [job for job in ok if any(f == flag for _, f, _ in job_flags(job))]
         if flagged:

@@ -18,6 +18,7 @@ from kdrun.reporting.sweep import (
     collect_jobs,
     colour_centre,
     grid_flags,
+    grid_noise,
     grid_pruned,
     grid_values,
     main,
@@ -425,6 +426,30 @@ def test_a_cell_with_a_flagged_student_is_hatched_and_annotated():
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "50.00%\n-45.00\n1/3 collapsed" in texts and "failed" in texts
     assert not hatched(grid_figure(values, Marks(failed={(1.0, 0.5)}), 0.95, "title"))
+
+
+def test_a_cell_whose_gain_is_within_noise_says_so_on_the_test_heatmap(tmp_path, monkeypatch):
+    sweep = make_sweep(tmp_path / "sweep", ["T=1,4", "seed=0,1"])
+    # T=1: gains +2.0 and +3.9 points over the two seeds -> t-interval [-9.6, +15.0]: within noise.
+    # T=4: gains +2.0 and +2.0 -> [+2.0, +2.0]: beyond it.
+    for T, accs in ((1, (0.97, 0.99)), (4, (0.97, 0.971))):
+        for seed, acc in enumerate(accs):
+            add_job(sweep, [f"T={T}", f"seed={seed}"], acc)
+    assert grid_noise(collect_jobs(sweep)) == {(1.0, 0.2)}
+    seen = {}
+    monkeypatch.setattr("kdrun.reporting.sweep.plot_grid", lambda v, marks, c, t, path, label: seen.update(
+        {Path(path).name: marks}) or Path(path))  # fmt: skip
+    write_summary(sweep)
+    assert set(seen["heatmap_test_acc.png"].noise) == {(1.0, 0.2)}
+    assert not seen["heatmap_val_acc.png"].noise  # its colours are validation accuracy, not the test gain
+
+    values = {(1.0, 0.1): 0.96, (4.0, 0.1): 0.97}
+    fig = grid_figure(values, Marks(noise={(1.0, 0.1)}), 0.95, "title")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "96.00%\n+1.00 within noise" in texts and "97.00%\n+2.00" in texts
+    scatter = {(float(t), 0.37 * t % 1): 0.9 + 0.001 * t for t in range(1, 16)}
+    fig = grid_figure(scatter, Marks(noise={(2.0, 0.74)}), 0.9, "title")
+    assert "KD gain within noise" in fig.axes[0].get_legend_handles_labels()[1]
 
 
 def test_teacher_lead_warning_reaches_the_summary(tmp_path):
