@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kdrun.reporting.report import gain_line
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,8 +29,8 @@ def main() -> None:
     if args.generations < 1:
         parser.error(f"--generations={args.generations} must be >= 1")
     kdrun = shutil.which("kdrun") or str(Path(sys.executable).with_name("kdrun"))
-    rows = ["| generation | teacher | teacher test acc | student test acc (best val) | KD gain over baseline |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| generation | teacher | teacher test acc | student test acc (best val) | KD gain over baseline (last "
+            "epoch) |", "|---|---|---|---|---|"]  # fmt: skip
     teacher = None
     for generation in range(1, args.generations + 1):
         run_dir = (args.out / f"gen{generation}").resolve()
@@ -40,11 +42,10 @@ def main() -> None:
             sys.exit(f"generation {generation} failed; its log is {run_dir / 'kdrun.log'}")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         source = "trained" if teacher is None else f"gen{generation - 1} student"
-        gain = metrics.get("kd_gain")
         rows.append(
             f"| {generation} | {source} | {100 * metrics['teacher']['test_acc_best']:.2f}% | "
             f"{100 * metrics['student']['test_acc_best']:.2f}% | "
-            f"{'-' if gain is None else f'{100 * gain:+.2f}'} |"
+            f"{gain_line(metrics) if 'kd_gain' in metrics else '-'} |"
         )
         teacher = run_dir / "student.safetensors"
     table = "\n".join(rows) + "\n"

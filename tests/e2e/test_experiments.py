@@ -35,3 +35,5 @@ def test_born_again_generations_chain_each_student_into_the_next_teacher(tmp_pat
     assert first["config"]["teacher"] == first["config"]["student"] == "resnet20"
     table = (out / "generations.md").read_text()
     assert "| 2 | gen1 student |" in table
+    gain = 100 * second["kd_gain"]
+    assert f"| {gain:+.2f} points, 95% CI [{100 * second['kd_gain_ci95'][0]:+.2f}, " in table  # its error bar
