@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdrun.core.io import write_json
-from kdrun.reporting.stats import difference_interval, wilson_interval
+from kdrun.reporting.stats import contains_zero, difference_interval, wilson_interval
 
 STAGES = ("teacher", "baseline", "student")
 # metrics.json values shown as HParams metrics (tag = "final/<stage>_<key>" or "final/<key>").
@@ -143,7 +143,7 @@ def lead_line(metrics: dict[str, Any]) -> str:
 def gain_line(metrics: dict[str, Any]) -> str:
     """The KD gain in points, with its interval when known, and "within noise" when that contains 0."""
     ci = metrics.get("kd_gain_ci95")
-    return _difference(metrics["kd_gain"], ci) + (": within noise" if ci and ci[0] <= 0 <= ci[1] else "")
+    return _difference(metrics["kd_gain"], ci) + (": within noise" if ci and contains_zero(*ci) else "")
 
 
 def _difference(value: float, ci: list[float] | None) -> str:

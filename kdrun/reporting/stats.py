@@ -34,6 +34,11 @@ def difference_interval(acc1: float, n1: int, acc2: float, n2: int) -> tuple[flo
     )
 
 
+def contains_zero(low: float, high: float) -> bool:
+    """Whether the interval [low, high] contains 0: a difference within noise."""
+    return low <= 0 <= high
+
+
 @dataclass(frozen=True)
 class MeanInterval:
     """Mean of ``n`` values with its sample std (ddof=1) and Student-t 95% interval; None where n is too small."""
@@ -47,7 +52,7 @@ class MeanInterval:
     @property
     def within_noise(self) -> bool | None:
         """Whether the interval contains 0 (None: no interval)."""
-        return None if self.low is None or self.high is None else self.low <= 0 <= self.high
+        return None if self.low is None or self.high is None else contains_zero(self.low, self.high)
 
 
 def t_interval(values: list[float], level: float = 0.95) -> MeanInterval:

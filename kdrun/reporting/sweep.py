@@ -29,7 +29,7 @@ from kdrun.core.errors import KdrunError
 from kdrun.core.io import write_text
 from kdrun.core.keys import model_identity, role
 from kdrun.reporting.heatmap import Marks, Point, plot_grid
-from kdrun.reporting.stats import MeanInterval, t_interval
+from kdrun.reporting.stats import MeanInterval, contains_zero, t_interval
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 STATUSES = ("ok", "pruned", "failed", "incomplete", "pending")  # pruned: an Optuna pruner stopped its student early
@@ -194,12 +194,18 @@ def summary_markdown(sweep_dir: Path, jobs: list[Job], keys: list[str], heatmaps
     return "\n".join(lines) + "\n"
 
 
-def grid_values(jobs: list[Job], metric: str) -> tuple[dict[Point, float | None], set[Point]]:
-    """Per (T, alpha) point: the mean of ``metric`` over its ok jobs (None: none); and the points whose jobs failed."""
+def _by_point(jobs: list[Job], ok_only: bool = False) -> dict[Point, list[Job]]:
+    """The jobs with a (T, alpha), grouped by it (only the ok ones with ``ok_only``)."""
     points: dict[Point, list[Job]] = {}
     for job in jobs:
-        if job.T is not None and job.alpha is not None:
+        if job.T is not None and job.alpha is not None and (job.status == "ok" or not ok_only):
             points.setdefault((job.T, job.alpha), []).append(job)
+    return points
+
+
+def grid_values(jobs: list[Job], metric: str) -> tuple[dict[Point, float | None], set[Point]]:
+    """Per (T, alpha) point: the mean of ``metric`` over its ok jobs (None: none); and the points whose jobs failed."""
+    points = _by_point(jobs)
     values = {point: _mean_metric(group, metric) for point, group in points.items()}
     failed = {p for p, group in points.items() if values[p] is None and any(job.status == "failed" for job in group)}
     return values, failed
@@ -219,12 +225,8 @@ def grid_pruned(jobs: list[Job], values: dict[Point, float | None]) -> set[Point
 
 def grid_flags(jobs: list[Job]) -> dict[Point, str]:
     """Per (T, alpha) point whose ok jobs include a flagged student: the note, e.g. ``1/3 collapsed``."""
-    points: dict[Point, list[Job]] = {}
-    for job in jobs:
-        if job.T is not None and job.alpha is not None and job.status == "ok":
-            points.setdefault((job.T, job.alpha), []).append(job)
     notes = {}
-    for point, group in points.items():
+    for point, group in _by_point(jobs, ok_only=True).items():
         counts = {flag: sum(bool(job.metrics.get(f"student.{flag}")) for job in group) for flag in FLAGS}
         if any(counts.values()):
             notes[point] = ", ".join(f"{k}/{len(group)} {flag}" for flag, k in counts.items() if k)
@@ -233,10 +235,7 @@ def grid_flags(jobs: list[Job]) -> dict[Point, str]:
 
 def grid_noise(jobs: list[Job]) -> set[Point]:
     """The (T, alpha) points whose KD gain is within noise (``within_noise`` of their ok jobs, seeds pooled)."""
-    points: dict[Point, list[Job]] = {}
-    for job in jobs:
-        if job.T is not None and job.alpha is not None and job.status == "ok":
-            points.setdefault((job.T, job.alpha), []).append(job)
+    points = _by_point(jobs, ok_only=True)
     return {p for p, ok in points.items() if within_noise(ok, t_interval(_ok_values(ok, "kd_gain")))}
 
 
@@ -481,7 +480,7 @@ def _run_interval(ok: list[Job], gain: MeanInterval) -> list[float] | None:
 def within_noise(ok: list[Job], gain: MeanInterval) -> bool:
     """Whether a row's gain interval contains 0: over seeds, or one run's own ``kd_gain_ci95``."""
     run = _run_interval(ok, gain)
-    return bool(gain.within_noise) if run is None else run[0] <= 0 <= run[1]
+    return bool(gain.within_noise) if run is None else contains_zero(*run)
 
 
 def _row_notes(ok: list[Job], gain: MeanInterval) -> list[str]:
